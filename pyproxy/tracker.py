@@ -1,0 +1,190 @@
+"""Current Services and EndpointSlices, and which Services changed since the last sync.
+
+As kube-proxy's change trackers: a Service that changed and changed back
+between two syncs is not reported, so flapping costs nothing. Sources feed raw
+API dicts; invalid ones are reported once, named, and treated as absent, so
+what is programmed always equals what `pyproxy plan` computes from the same
+objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyproxy.model import (
+    Endpoint,
+    EndpointSlice,
+    InvalidObject,
+    IPFamily,
+    Service,
+    ServicePort,
+    ServicePortName,
+    merge_endpoints,
+    parse_endpoint_slice,
+    parse_service,
+)
+
+log = logging.getLogger(__name__)
+
+ServiceKey = tuple[str, str]  # (namespace, name)
+PortMap = dict[ServicePortName, ServicePort]
+EndpointsMap = dict[ServicePortName, tuple[Endpoint, ...]]
+
+
+def report_invalid(err: InvalidObject) -> None:
+    log.warning(
+        "skipping invalid object",
+        extra={"kind": err.kind, "object": err.key, "field": err.field_path,
+               "reason": err.message},
+    )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a planner needs: every service port and its endpoints, plus what changed."""
+
+    services: Mapping[ServicePortName, ServicePort]
+    endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]]
+    changed: frozenset[ServiceKey]
+
+
+@dataclass
+class ChangeTracker:
+    node_name: str
+    family: IPFamily = IPFamily.IPv4
+    on_invalid: Callable[[InvalidObject], None] = report_invalid
+    _services: dict[ServiceKey, Service] = field(default_factory=dict)
+    _slices: dict[ServiceKey, dict[str, EndpointSlice]] = field(default_factory=dict)
+    _slice_owner: dict[tuple[str, str], ServiceKey] = field(default_factory=dict)
+    _pending: set[ServiceKey] = field(default_factory=set)
+    # What the last checkout handed out, per service: the collapse baseline.
+    _ports: dict[ServiceKey, PortMap] = field(default_factory=dict)
+    _eps: dict[ServiceKey, EndpointsMap] = field(default_factory=dict)
+    _all_ports: PortMap = field(default_factory=dict)
+    _all_eps: EndpointsMap = field(default_factory=dict)
+
+    # -- feeding -----------------------------------------------------------
+
+    def set_service(self, obj: Any) -> None:
+        key = _key_of(obj)
+        try:
+            svc = parse_service(obj)
+        except InvalidObject as err:
+            self.on_invalid(err)
+            svc = None
+        if key is None:
+            return
+        if svc is None:
+            self.delete_service(*key)
+            return
+        if self._services.get(key) != svc:
+            self._services[key] = svc
+            self._pending.add(key)
+
+    def delete_service(self, namespace: str, name: str) -> None:
+        if self._services.pop((namespace, name), None) is not None:
+            self._pending.add((namespace, name))
+
+    def set_slice(self, obj: Any) -> None:
+        key = _key_of(obj)
+        try:
+            sl = parse_endpoint_slice(obj)
+        except InvalidObject as err:
+            self.on_invalid(err)
+            sl = None
+        if key is None:
+            return
+        if sl is None or sl.family is not self.family:
+            self.delete_slice(*key)
+            return
+        owner = self._slice_owner.get(key)
+        if owner is not None and owner != sl.service_key:
+            self.delete_slice(*key)  # the slice moved to another Service
+        slices = self._slices.setdefault(sl.service_key, {})
+        if slices.get(sl.name) != sl:
+            slices[sl.name] = sl
+            self._slice_owner[key] = sl.service_key
+            self._pending.add(sl.service_key)
+
+    def delete_slice(self, namespace: str, name: str) -> None:
+        owner = self._slice_owner.pop((namespace, name), None)
+        if owner is None:
+            return
+        slices = self._slices.get(owner, {})
+        if slices.pop(name, None) is not None:
+            self._pending.add(owner)
+        if not slices:
+            self._slices.pop(owner, None)
+
+    def replace(self, services: Iterable[Any], slices: Iterable[Any]) -> None:
+        """Make the current state exactly these objects (a relist, or a manifests reload)."""
+        seen_svc: set[ServiceKey] = set()
+        for obj in services:
+            self.set_service(obj)
+            key = _key_of(obj)
+            if key is not None:
+                seen_svc.add(key)
+        for key in list(self._services):
+            if key not in seen_svc:
+                self.delete_service(*key)
+        seen_slices: set[tuple[str, str]] = set()
+        for obj in slices:
+            self.set_slice(obj)
+            key = _key_of(obj)
+            if key is not None:
+                seen_slices.add(key)
+        for key in list(self._slice_owner):
+            if key not in seen_slices:
+                self.delete_slice(*key)
+
+    # -- draining ----------------------------------------------------------
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    def checkout(self) -> Snapshot:
+        """Fold pending changes into the snapshot; report the services that really changed."""
+        changed: set[ServiceKey] = set()
+        for key in self._pending:
+            ports, eps = self._compute(key)
+            if ports == self._ports.get(key, {}) and eps == self._eps.get(key, {}):
+                continue
+            for spn in self._ports.get(key, {}):
+                self._all_ports.pop(spn, None)
+                self._all_eps.pop(spn, None)
+            self._all_ports.update(ports)
+            self._all_eps.update(eps)
+            if ports:
+                self._ports[key], self._eps[key] = ports, eps
+            else:
+                self._ports.pop(key, None)
+                self._eps.pop(key, None)
+            changed.add(key)
+        self._pending.clear()
+        return Snapshot(self._all_ports, self._all_eps, frozenset(changed))
+
+    def _compute(self, key: ServiceKey) -> tuple[PortMap, EndpointsMap]:
+        svc = self._services.get(key)
+        if svc is None:
+            return {}, {}
+        by_port = merge_endpoints(self._slices.get(key, {}).values(), self.node_name)
+        ports: PortMap = {}
+        eps: EndpointsMap = {}
+        for sp in svc.ports_for(self.family):
+            ports[sp.name] = sp
+            eps[sp.name] = by_port.get((sp.name.port, sp.protocol), ())
+        return ports, eps
+
+
+def _key_of(obj: Any) -> tuple[str, str] | None:
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    if not isinstance(meta, Mapping):
+        return None
+    ns, name = meta.get("namespace"), meta.get("name")
+    if not isinstance(ns, str) or not isinstance(name, str):
+        return None
+    return (ns, name)
