@@ -120,27 +120,37 @@ class ChangeTracker:
             self._slices.pop(owner, None)
 
     def replace(self, services: Iterable[Any], slices: Iterable[Any]) -> None:
-        """Make the current state exactly these objects (a relist, or a manifests reload)."""
-        seen_svc: set[ServiceKey] = set()
-        for obj in services:
+        """Make the current state exactly these objects (a manifests reload)."""
+        self.replace_services(services)
+        self.replace_slices(slices)
+
+    def replace_services(self, objects: Iterable[Any]) -> None:
+        """Services are exactly these now (a relist): the rest were deleted meanwhile."""
+        seen: set[ServiceKey] = set()
+        for obj in objects:
             self.set_service(obj)
             key = _key_of(obj)
             if key is not None:
-                seen_svc.add(key)
-        for key in list(self._services):
-            if key not in seen_svc:
-                self.delete_service(*key)
-        seen_slices: set[tuple[str, str]] = set()
-        for obj in slices:
+                seen.add(key)
+        for key in [k for k in self._services if k not in seen]:
+            self.delete_service(*key)
+
+    def replace_slices(self, objects: Iterable[Any]) -> None:
+        seen: set[tuple[str, str]] = set()
+        for obj in objects:
             self.set_slice(obj)
             key = _key_of(obj)
             if key is not None:
-                seen_slices.add(key)
-        for key in list(self._slice_owner):
-            if key not in seen_slices:
-                self.delete_slice(*key)
+                seen.add(key)
+        for key in [k for k in self._slice_owner if k not in seen]:
+            self.delete_slice(*key)
 
     # -- draining ----------------------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """What the last checkout handed out (without taking pending changes)."""
+        return Snapshot(self._all_ports, self._all_eps, frozenset())
 
     @property
     def pending(self) -> bool:

@@ -91,6 +91,12 @@ class PlanContext:
         return hex(1 << self.masquerade_bit)
 
     @property
+    def reject(self) -> str:
+        """REJECT as iptables-save prints it (it always names the ICMP type)."""
+        icmp = "icmp" if self.family is IPFamily.IPv4 else "icmp6"
+        return f"REJECT --reject-with {icmp}-port-unreachable"
+
+    @property
     def local_cidrs(self) -> tuple[IPNetwork, ...]:
         return tuple(c for c in self.cluster_cidrs if c.version == _version(self.family))
 
@@ -250,7 +256,7 @@ def service_rules(  # noqa: C901 - one flat walk, in upstream's order, reads bes
     lb_chain = fw_chain if uses_fw_chain else ext_chain
 
     if not has_endpoints:
-        int_target = ext_target = "REJECT"
+        int_target = ext_target = ctx.reject
         int_comment = ext_comment = f"{name} has no endpoints"
     else:
         int_target = ext_target = ""

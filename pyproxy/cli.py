@@ -1,0 +1,237 @@
+"""The `pyproxy` command: run, plan, cleanup, version.
+
+Configuration is settled before anything touches the kernel: an invalid
+document or flag stops the start with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import click
+
+from pyproxy import logs
+from pyproxy.config import ConfigError, ProxyConfig, ProxyMode, load_config, load_config_file
+from pyproxy.iptables.plan import PlanContext, Planner
+from pyproxy.iptables.restore import Backend, IPTables, IPTablesError, detect_backend
+from pyproxy.iptables.ruleset import Ruleset, render
+from pyproxy.iptables.sync import IPTablesDataplane
+from pyproxy.model import InvalidObject, IPFamily, NodeInfo, parse_node
+from pyproxy.reconciler import Reconciler
+from pyproxy.sources import files
+from pyproxy.tracker import ChangeTracker, report_invalid
+
+log = logging.getLogger("pyproxy")
+
+MANIFEST_POLL_SECONDS = 1.0
+
+
+@dataclass
+class Settings:
+    config: ProxyConfig
+    node_name: str
+    manifests: str | None
+    backend: str
+
+
+def _common(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Flags shared by `run` and `plan`: they must compute the same rules."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="KubeProxyConfiguration file (the kube-proxy ConfigMap's config.conf)."),
+        click.option("--mode", type=click.Choice(["iptables", "ipvs"]), default=None,
+                     help="Dataplane; overrides the config file's `mode`."),
+        click.option("--manifests", type=click.Path(exists=True),
+                     help="Directory (or file) of Service/EndpointSlice/Node YAML manifests."),
+        click.option("--hostname-override", default=None,
+                     help="This node's name (default: $NODE_NAME, then the hostname)."),
+        click.option("--cluster-cidr", default=None,
+                     help="Pod CIDR(s), comma-separated; traffic from outside is masqueraded."),
+        click.option("--masquerade-all", is_flag=True, default=None, flag_value=True,
+                     help="Masquerade all service traffic."),
+        click.option("--sync-period", default=None, help="Full resync period (Go duration)."),
+        click.option("--min-sync-period", default=None,
+                     help="Minimum time between syncs (Go duration)."),
+        click.option("-v", "--verbose", is_flag=True, help="Debug logging."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _settings(config_file: str | None, mode: str | None, manifests: str | None,
+              hostname_override: str | None, cluster_cidr: str | None,
+              masquerade_all: bool | None, sync_period: str | None,
+              min_sync_period: str | None, verbose: bool, backend: str = "auto") -> Settings:
+    logs.setup(verbose)
+    overrides = {
+        "mode": mode,
+        "cluster_cidr": cluster_cidr,
+        "masquerade_all": masquerade_all,
+        "hostname_override": hostname_override,
+        "sync_period": sync_period,
+        "min_sync_period": min_sync_period,
+    }
+    try:
+        if config_file:
+            config, warnings = load_config_file(config_file, overrides)
+        else:
+            config, warnings = load_config(None, overrides)
+    except ConfigError as err:
+        raise click.UsageError(f"invalid configuration: {err}") from err
+    for warning in warnings:
+        log.warning("configuration warning", extra={"detail": warning})
+    if config.mode is ProxyMode.IPVS:
+        raise click.UsageError(
+            "mode ipvs is not available yet in this pyproxy version; use --mode iptables")
+    node_name = (config.hostname_override or os.environ.get("NODE_NAME")
+                 or socket.gethostname()).strip().lower()
+    return Settings(config, node_name, manifests, backend)
+
+
+def _node_info(settings: Settings, manifests: files.Manifests | None) -> NodeInfo:
+    obj = manifests.node(settings.node_name) if manifests else None
+    if obj is not None:
+        try:
+            return parse_node(obj)
+        except InvalidObject as err:
+            report_invalid(err)
+    return NodeInfo(name=settings.node_name)
+
+
+def _context(settings: Settings, node: NodeInfo) -> PlanContext:
+    cfg = settings.config
+    return PlanContext(
+        node=node,
+        family=IPFamily.IPv4,
+        cluster_cidrs=tuple(c for c in cfg.cluster_cidrs if c.version == 4),
+        masquerade_all=cfg.iptables.masquerade_all,
+        masquerade_bit=cfg.iptables.masquerade_bit,
+    )
+
+
+def _load(settings: Settings, tracker: ChangeTracker) -> files.Manifests:
+    assert settings.manifests is not None
+    manifests = files.load(settings.manifests)
+    tracker.replace(manifests.services, manifests.slices)
+    return manifests
+
+
+def _iptables(backend: str) -> IPTables:
+    chosen = detect_backend() if backend == "auto" else Backend(backend)
+    log.info("iptables backend", extra={"backend": str(chosen),
+                                        "detected": backend == "auto"})
+    return IPTables(chosen)
+
+
+@click.group()
+def main() -> None:
+    """pyproxy: a kube-proxy replacement (iptables and IPVS dataplanes)."""
+
+
+@main.command()
+@_common
+@click.option("--iptables-backend", type=click.Choice(["auto", "legacy", "nft"]),
+              default="auto", show_default=True,
+              help="Force an iptables backend instead of detecting the host's.")
+@click.option("--once", is_flag=True, help="One full sync in this network namespace, then exit.")
+def run(iptables_backend: str, once: bool, **kw: Any) -> None:
+    """Program this node's kernel and keep it in sync."""
+    settings = _settings(backend=iptables_backend, **kw)
+    if not settings.manifests:
+        raise click.UsageError("--manifests DIR is required")
+    tracker = ChangeTracker(settings.node_name, IPFamily.IPv4)
+    manifests = _load(settings, tracker)
+    dataplane = IPTablesDataplane(_iptables(settings.backend),
+                                  _context(settings, _node_info(settings, manifests)))
+    cfg = settings.config
+    reconciler = Reconciler(tracker, dataplane, min_sync_period=cfg.min_sync_period,
+                            sync_period=cfg.sync_period)
+    if once:
+        try:
+            result = reconciler.sync_once(full=True)
+        except (IPTablesError, OSError) as err:
+            log.error("could not program the kernel", extra={"error": str(err)})
+            sys.exit(1)
+        log.info("synced", extra={"services": len(result.plan.chains_by_service),
+                                  "lines_written": result.lines_written})
+        return
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def watch_manifests() -> None:
+        assert settings.manifests is not None
+        seen = files.fingerprint(settings.manifests)
+        while not stop.wait(MANIFEST_POLL_SECONDS):
+            now = files.fingerprint(settings.manifests)
+            if now == seen:
+                continue
+            seen = now
+            with reconciler.lock:
+                _load(settings, tracker)
+            log.info("manifests changed", extra={"directory": settings.manifests})
+            reconciler.changed()
+
+    threading.Thread(target=watch_manifests, name="manifests", daemon=True).start()
+    log.info("running", extra={"node": settings.node_name, "mode": str(cfg.mode)})
+    reconciler.run(stop)
+
+
+@main.command()
+@_common
+def plan(**kw: Any) -> None:
+    """Print the iptables-restore payload a full sync would apply; touch nothing."""
+    settings = _settings(**kw)
+    if not settings.manifests:
+        raise click.UsageError("--manifests DIR is required")
+    tracker = ChangeTracker(settings.node_name, IPFamily.IPv4)
+    manifests = _load(settings, tracker)
+    snapshot = tracker.checkout()
+    planned = Planner(_context(settings, _node_info(settings, manifests))).plan(
+        snapshot.services, snapshot.endpoints)
+    click.echo(render(planned.ruleset, Ruleset(), only=None).text, nl=False)
+
+
+@main.command()
+@click.option("-v", "--verbose", is_flag=True)
+def cleanup(verbose: bool) -> None:
+    """Remove every chain and rule pyproxy owns in this network namespace, nothing else."""
+    logs.setup(verbose)
+    failed = False
+    for backend in Backend:
+        ipt = IPTables(backend)
+        try:
+            lines = IPTablesDataplane(ipt, PlanContext(NodeInfo(""))).cleanup()
+        except FileNotFoundError:
+            continue  # this backend's tools are not installed
+        except IPTablesError as err:
+            log.error("cleanup failed", extra={"backend": str(backend), "error": str(err)})
+            failed = True
+            continue
+        log.info("cleaned up", extra={"backend": str(backend), "lines": lines})
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+def version() -> None:
+    """Print pyproxy's version."""
+    try:
+        click.echo(metadata.version("pyproxy"))
+    except metadata.PackageNotFoundError:
+        click.echo("unknown")
+
+
+if __name__ == "__main__":
+    main()
