@@ -18,26 +18,29 @@ from importlib import metadata
 from typing import Any
 
 import click
+import tenacity
 
 from pyproxy import logs
+from pyproxy.agent import CONFIG_KEY, Agent, plan_context
 from pyproxy.config import ConfigError, ProxyConfig, ProxyMode, load_config, load_config_file
 from pyproxy.iptables.plan import PlanContext, Planner
 from pyproxy.iptables.restore import Backend, IPTables, IPTablesError, detect_backend
 from pyproxy.iptables.ruleset import Ruleset, render
 from pyproxy.iptables.sync import IPTablesDataplane
 from pyproxy.model import InvalidObject, IPFamily, NodeInfo, parse_node
-from pyproxy.reconciler import Reconciler
-from pyproxy.sources import files
+from pyproxy.sources import files, kube
 from pyproxy.tracker import ChangeTracker, report_invalid
 
 log = logging.getLogger("pyproxy")
 
 MANIFEST_POLL_SECONDS = 1.0
+ONCE_LIST_TIMEOUT = 60.0
 
 
 @dataclass
 class Settings:
     config: ProxyConfig
+    overrides: dict[str, object]
     node_name: str
     manifests: str | None
     backend: str
@@ -71,21 +74,23 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
 def _settings(config_file: str | None, mode: str | None, manifests: str | None,
               hostname_override: str | None, cluster_cidr: str | None,
               masquerade_all: bool | None, sync_period: str | None,
-              min_sync_period: str | None, verbose: bool, backend: str = "auto") -> Settings:
+              min_sync_period: str | None, verbose: bool, backend: str = "auto",
+              config_text: str | None = None, **more: object) -> Settings:
     logs.setup(verbose)
-    overrides = {
+    overrides: dict[str, object] = {
         "mode": mode,
         "cluster_cidr": cluster_cidr,
         "masquerade_all": masquerade_all,
         "hostname_override": hostname_override,
         "sync_period": sync_period,
         "min_sync_period": min_sync_period,
+        **more,
     }
     try:
         if config_file:
             config, warnings = load_config_file(config_file, overrides)
         else:
-            config, warnings = load_config(None, overrides)
+            config, warnings = load_config(config_text, overrides)
     except ConfigError as err:
         raise click.UsageError(f"invalid configuration: {err}") from err
     for warning in warnings:
@@ -95,7 +100,7 @@ def _settings(config_file: str | None, mode: str | None, manifests: str | None,
             "mode ipvs is not available yet in this pyproxy version; use --mode iptables")
     node_name = (config.hostname_override or os.environ.get("NODE_NAME")
                  or socket.gethostname()).strip().lower()
-    return Settings(config, node_name, manifests, backend)
+    return Settings(config, overrides, node_name, manifests, backend)
 
 
 def _node_info(settings: Settings, manifests: files.Manifests | None) -> NodeInfo:
@@ -106,17 +111,6 @@ def _node_info(settings: Settings, manifests: files.Manifests | None) -> NodeInf
         except InvalidObject as err:
             report_invalid(err)
     return NodeInfo(name=settings.node_name)
-
-
-def _context(settings: Settings, node: NodeInfo) -> PlanContext:
-    cfg = settings.config
-    return PlanContext(
-        node=node,
-        family=IPFamily.IPv4,
-        cluster_cidrs=tuple(c for c in cfg.cluster_cidrs if c.version == 4),
-        masquerade_all=cfg.iptables.masquerade_all,
-        masquerade_bit=cfg.iptables.masquerade_bit,
-    )
 
 
 def _load(settings: Settings, tracker: ChangeTracker) -> files.Manifests:
@@ -133,6 +127,25 @@ def _iptables(backend: str) -> IPTables:
     return IPTables(chosen)
 
 
+def _read_config_map(api: Any, ref: str) -> str | None:
+    """The ConfigMap's config.conf, read before anything touches the kernel."""
+    from kubernetes import client
+
+    ns, _, name = ref.partition("/")
+    if not ns or not name:
+        raise click.UsageError(f"--config-configmap: expected NAMESPACE/NAME, got {ref!r}")
+    for attempt in tenacity.Retrying(stop=tenacity.stop_after_attempt(6),
+                                     wait=tenacity.wait_exponential(multiplier=1, max=8),
+                                     reraise=True):
+        with attempt:
+            cm = client.CoreV1Api(api).read_namespaced_config_map(name, ns)
+    data = cm.data or {}
+    text = data.get(CONFIG_KEY)
+    if text is None:
+        raise click.UsageError(f"configmap {ref} has no {CONFIG_KEY!r} key")
+    return str(text)
+
+
 @click.group()
 def main() -> None:
     """pyproxy: a kube-proxy replacement (iptables and IPVS dataplanes)."""
@@ -143,49 +156,92 @@ def main() -> None:
 @click.option("--iptables-backend", type=click.Choice(["auto", "legacy", "nft"]),
               default="auto", show_default=True,
               help="Force an iptables backend instead of detecting the host's.")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
+              help="Watch the API with this kubeconfig (default: in-cluster config).")
+@click.option("--config-configmap", default=None, metavar="NAMESPACE/NAME",
+              help="Read and watch the KubeProxyConfiguration in this ConfigMap.")
+@click.option("--service-proxy-name", default=None,
+              help="Serve only Services labelled service.kubernetes.io/service-proxy-name=NAME.")
 @click.option("--once", is_flag=True, help="One full sync in this network namespace, then exit.")
-def run(iptables_backend: str, once: bool, **kw: Any) -> None:
+def run(iptables_backend: str, kubeconfig: str | None, config_configmap: str | None,
+        service_proxy_name: str | None, once: bool, **kw: Any) -> None:
     """Program this node's kernel and keep it in sync."""
-    settings = _settings(backend=iptables_backend, **kw)
-    if not settings.manifests:
-        raise click.UsageError("--manifests DIR is required")
-    tracker = ChangeTracker(settings.node_name, IPFamily.IPv4)
-    manifests = _load(settings, tracker)
+    api = None
+    if not kw.get("manifests"):
+        logs.setup(bool(kw.get("verbose")))
+        api = kube.api_client(kubeconfig)
+        if config_configmap:
+            kw["config_text"] = _read_config_map(api, config_configmap)
+    settings = _settings(backend=iptables_backend, service_proxy_name=service_proxy_name, **kw)
+    manifests = None
+    node = NodeInfo(settings.node_name)
+    if settings.manifests:
+        manifests = files.load(settings.manifests)
+        node = _node_info(settings, manifests)
     dataplane = IPTablesDataplane(_iptables(settings.backend),
-                                  _context(settings, _node_info(settings, manifests)))
-    cfg = settings.config
-    reconciler = Reconciler(tracker, dataplane, min_sync_period=cfg.min_sync_period,
-                            sync_period=cfg.sync_period)
-    if once:
-        try:
-            result = reconciler.sync_once(full=True)
-        except (IPTablesError, OSError) as err:
-            log.error("could not program the kernel", extra={"error": str(err)})
-            sys.exit(1)
-        log.info("synced", extra={"services": len(result.plan.chains_by_service),
-                                  "lines_written": result.lines_written})
-        return
-
-    stop = threading.Event()
+                                  plan_context(settings.config, node))
+    agent = Agent(settings.config, settings.node_name, dataplane, overrides=settings.overrides)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: agent.stop.set())
 
-    def watch_manifests() -> None:
-        assert settings.manifests is not None
-        seen = files.fingerprint(settings.manifests)
-        while not stop.wait(MANIFEST_POLL_SECONDS):
-            now = files.fingerprint(settings.manifests)
-            if now == seen:
-                continue
-            seen = now
-            with reconciler.lock:
-                _load(settings, tracker)
-            log.info("manifests changed", extra={"directory": settings.manifests})
-            reconciler.changed()
+    informers: list[kube.Informer] = []
+    if manifests is not None:
+        agent.tracker.replace(manifests.services, manifests.slices)
+    else:
+        cm = tuple(config_configmap.split("/", 1)) if config_configmap else None
+        informers = agent.informers(api, cm)  # type: ignore[arg-type]
 
-    threading.Thread(target=watch_manifests, name="manifests", daemon=True).start()
-    log.info("running", extra={"node": settings.node_name, "mode": str(cfg.mode)})
-    reconciler.run(stop)
+    if once:
+        _sync_once(agent, informers)
+        return
+    agent.start_servers()
+    if kw.get("config_file"):
+        agent.watch_config_file(kw["config_file"])
+    log.info("running", extra={"node": settings.node_name, "mode": str(settings.config.mode),
+                               "source": "manifests" if manifests is not None else "api"})
+    try:
+        if manifests is not None:
+            threading.Thread(target=_watch_manifests, args=(agent, settings), daemon=True,
+                             name="manifests").start()
+            agent.run([])
+        else:
+            agent.run(informers)
+    finally:
+        agent.close()
+
+
+def _sync_once(agent: Agent, informers: list[kube.Informer]) -> None:
+    if informers:
+        for informer in informers:
+            informer.start(agent.stop)
+        if not all(i.synced.wait(ONCE_LIST_TIMEOUT) for i in informers[:2]):
+            log.error("could not list Services and EndpointSlices")
+            agent.stop.set()
+            sys.exit(1)
+    try:
+        result = agent.reconciler.sync_once(full=True)
+    except (IPTablesError, OSError) as err:
+        log.error("could not program the kernel", extra={"error": str(err)})
+        sys.exit(1)
+    finally:
+        agent.stop.set()
+    log.info("synced", extra={"services": len(result.plan.chains_by_service),
+                              "lines_written": result.lines_written})
+
+
+def _watch_manifests(agent: Agent, settings: Settings) -> None:
+    assert settings.manifests is not None
+    seen = files.fingerprint(settings.manifests)
+    while not agent.stop.wait(MANIFEST_POLL_SECONDS):
+        now = files.fingerprint(settings.manifests)
+        if now == seen:
+            continue
+        seen = now
+        with agent.reconciler.lock:
+            manifests = _load(settings, agent.tracker)
+        agent.set_node(manifests.node(settings.node_name))
+        log.info("manifests changed", extra={"directory": settings.manifests})
+        agent.reconciler.changed()
 
 
 @main.command()
@@ -198,7 +254,7 @@ def plan(**kw: Any) -> None:
     tracker = ChangeTracker(settings.node_name, IPFamily.IPv4)
     manifests = _load(settings, tracker)
     snapshot = tracker.checkout()
-    planned = Planner(_context(settings, _node_info(settings, manifests))).plan(
+    planned = Planner(plan_context(settings.config, _node_info(settings, manifests))).plan(
         snapshot.services, snapshot.endpoints)
     click.echo(render(planned.ruleset, Ruleset(), only=None).text, nl=False)
 

@@ -309,8 +309,11 @@ def service_is_proxied(obj: Mapping[str, Any]) -> bool:
         return True  # let parse_service report the missing spec
     if spec.get("type") == "ExternalName":
         return False
-    cluster_ip = spec.get("clusterIP")
-    return cluster_ip not in ("", "None", None) or bool(spec.get("clusterIPs"))
+    # As parse_service: clusterIPs[0] when given (the API sets ["None"] for headless).
+    cluster_ips = spec.get("clusterIPs")
+    if isinstance(cluster_ips, list) and cluster_ips:
+        return cluster_ips[0] not in ("", "None", None)
+    return spec.get("clusterIP") not in ("", "None", None)
 
 
 def parse_service(obj: Any) -> Service | None:
@@ -331,11 +334,15 @@ def parse_service(obj: Any) -> Service | None:
 
     cluster_ips_raw = r.seq(spec.get("clusterIPs"), "spec.clusterIPs")
     primary = r.string(spec.get("clusterIP"), "spec.clusterIP")
-    if not cluster_ips_raw and primary:
+    from_primary = not cluster_ips_raw and bool(primary)
+    if from_primary:
         cluster_ips_raw = [primary]
     if not cluster_ips_raw or cluster_ips_raw[0] in ("", "None"):
         return None  # headless
-    cluster_ips = [r.ip(v, f"spec.clusterIPs[{i}]") for i, v in enumerate(cluster_ips_raw)]
+    cluster_ips = [
+        r.ip(v, "spec.clusterIP" if from_primary else f"spec.clusterIPs[{i}]")
+        for i, v in enumerate(cluster_ips_raw)
+    ]
     if primary and primary not in ("None",) and r.ip(primary, "spec.clusterIP") != cluster_ips[0]:
         raise r.fail("spec.clusterIP", "does not match spec.clusterIPs[0]")
     if len({ip.version for ip in cluster_ips}) != len(cluster_ips):
@@ -371,7 +378,9 @@ def parse_service(obj: Any) -> Service | None:
     if affinity == "ClientIP":
         cfg = r.mapping(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig")
         client = r.mapping(cfg.get("clientIP"), "spec.sessionAffinityConfig.clientIP")
-        t = client.get("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT)
+        t = client.get("timeoutSeconds")
+        if t is None:  # null is absent; the apiserver defaults it
+            t = DEFAULT_AFFINITY_TIMEOUT
         path = "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
         if isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= MAX_AFFINITY_TIMEOUT:
             raise r.fail(path, f"must be 1-{MAX_AFFINITY_TIMEOUT}, got {t!r}")
@@ -437,8 +446,9 @@ def parse_service(obj: Any) -> Service | None:
                         n for n in source_ranges if n.version == cip.version
                     ),
                     affinity_timeout=affinity_timeout,
-                    external_policy_local=(etp == "Local"
-                                           and svc_type is not ServiceType.CLUSTER_IP),
+                    # upstream ExternalPolicyLocal: NodePort, LB, or ClusterIP with externalIPs
+                    external_policy_local=(etp == "Local" and (
+                        svc_type is not ServiceType.CLUSTER_IP or bool(external_ips))),
                     internal_policy_local=itp == "Local",
                     health_check_node_port=health_check_node_port,
                     topology_aware=topology_aware,

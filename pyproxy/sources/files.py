@@ -39,16 +39,23 @@ class Manifests:
 def _files(directory: Path) -> list[Path]:
     if directory.is_file():
         return [directory]
+    # Hidden paths are skipped: a mounted ConfigMap keeps a copy of every file
+    # under `..<timestamp>/`, which would otherwise be read twice.
     return sorted(
         p for p in directory.rglob("*")
-        if p.is_file() and p.suffix in SUFFIXES and not p.name.startswith(".")
+        if p.is_file() and p.suffix in SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
     )
 
 
 def _objects(doc: Any) -> Iterator[Any]:
     # `kind: List`, and the typed lists (ServiceList, ...) that `kubectl get -o yaml` writes.
     if isinstance(doc, Mapping) and str(doc.get("kind", "")).endswith("List"):
+        # A saved API LIST response's items carry no `kind`: the typed list names it.
+        item_kind = str(doc["kind"])[: -len("List")]
         for item in doc.get("items") or []:
+            if item_kind and isinstance(item, Mapping) and "kind" not in item:
+                item = {**item, "kind": item_kind}
             yield from _objects(item)
     elif doc is not None:
         yield doc
@@ -63,7 +70,7 @@ def load(directory: str | os.PathLike[str]) -> Manifests:
     for path in _files(root):
         try:
             docs = list(yaml.safe_load_all(path.read_text()))
-        except (OSError, yaml.YAMLError) as err:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
             msg = f"{path}: cannot read: {err}"
             log.warning("skipping unreadable manifest", extra={"file": str(path),
                                                                 "reason": str(err)})

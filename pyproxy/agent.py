@@ -1,0 +1,254 @@
+"""The node agent: wires sources, tracker, reconciler, dataplane and servers together.
+
+Everything here is assembly and run-time reconfiguration; the decisions live
+in the modules it wires. Configuration changes at run time are applied in
+place (kube-proxy exits and lets the kubelet restart it instead): periods,
+masqueradeAll and clusterCIDR take effect on the next sync; a change of mode
+to one this build cannot run is refused and the current dataplane keeps going.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+
+from pyproxy import serve
+from pyproxy.config import (
+    ConfigError,
+    ProxyConfig,
+    ProxyMode,
+    diff_reloadable,
+    load_config,
+)
+from pyproxy.iptables.plan import PlanContext
+from pyproxy.iptables.sync import IPTablesDataplane
+from pyproxy.model import InvalidObject, IPFamily, NodeInfo, parse_node
+from pyproxy.reconciler import Reconciler
+from pyproxy.sources import kube
+from pyproxy.tracker import ChangeTracker, report_invalid
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "config.conf"
+
+
+def plan_context(config: ProxyConfig, node: NodeInfo,
+                 family: IPFamily = IPFamily.IPv4) -> PlanContext:
+    version = 4 if family is IPFamily.IPv4 else 6
+    return PlanContext(
+        node=node,
+        family=family,
+        cluster_cidrs=tuple(c for c in config.cluster_cidrs if c.version == version),
+        masquerade_all=config.iptables.masquerade_all,
+        masquerade_bit=config.iptables.masquerade_bit,
+    )
+
+
+@dataclass
+class Agent:
+    config: ProxyConfig
+    node_name: str
+    dataplane: IPTablesDataplane
+    overrides: Mapping[str, object] = field(default_factory=dict)
+    metrics: serve.Metrics = field(default_factory=serve.Metrics)
+    node: NodeInfo = field(init=False)
+    tracker: ChangeTracker = field(init=False)
+    reconciler: Reconciler = field(init=False)
+    health: serve.ProxyHealth = field(init=False)
+    service_health: serve.ServiceHealthServers = field(init=False)
+    stop: threading.Event = field(default_factory=threading.Event)
+    _servers: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.node = self.dataplane.ctx.node
+        self.tracker = ChangeTracker(self.node_name, IPFamily.IPv4,
+                                     on_invalid=self._invalid)
+        self.health = serve.ProxyHealth(sync_period=self.config.sync_period)
+        self.service_health = serve.ServiceHealthServers(proxy_healthy=self.health.is_healthy)
+        self.reconciler = Reconciler(
+            self.tracker, self.dataplane,
+            min_sync_period=self.config.min_sync_period,
+            sync_period=self.config.sync_period,
+            observers=[self.health, self.metrics, _ServiceHealthUpdater(self)],
+        )
+
+    def _invalid(self, err: InvalidObject) -> None:
+        report_invalid(err)
+        self.metrics.invalid_object(err.kind)
+
+    # -- servers -----------------------------------------------------------------
+
+    def start_servers(self) -> None:
+        cfg = self.config
+        healthz, metrics = cfg.healthz_bind_address, cfg.metrics_bind_address
+        health_server = serve.HealthServer(self.health, (healthz.host, healthz.port),
+                                           metrics=self.metrics)
+        metrics_server = serve.MetricsServer(self.metrics, (metrics.host, metrics.port))
+        for server in (health_server, metrics_server):
+            server.start()
+            self._servers.append(server)
+
+    def close(self) -> None:
+        self.stop.set()
+        for server in self._servers:
+            server.stop()
+        self.service_health.close()
+
+    # -- feeding the tracker ---------------------------------------------------------
+
+    def _changed(self) -> None:
+        self.reconciler.changed()
+
+    def set_node(self, obj: Mapping[str, Any] | None) -> None:
+        try:
+            node = parse_node(obj) if obj is not None else NodeInfo(self.node_name)
+        except InvalidObject as err:
+            self._invalid(err)
+            return
+        with self.reconciler.lock:
+            if node == self.node:
+                return
+            self.node = node
+            self.dataplane.set_context(plan_context(self.config, node))
+        log.info("node changed", extra={"node": node.name, "zone": node.zone,
+                                        "addresses": ",".join(map(str, node.addresses))})
+        self.reconciler.request_full_sync()
+
+    # -- configuration -----------------------------------------------------------------
+
+    def apply_config_text(self, text: str | None, source: str) -> None:
+        """A new KubeProxyConfiguration document arrived (ConfigMap edit or file change)."""
+        try:
+            new, warnings = load_config(text, self.overrides, source=source)
+        except ConfigError as err:
+            log.error("configuration change rejected; keeping the running one",
+                      extra={"source": source, "error": str(err)})
+            self.metrics.config_rejected()
+            return
+        for warning in warnings:
+            log.warning("configuration warning", extra={"detail": warning})
+        self.apply_config(new)
+
+    def apply_config(self, new: ProxyConfig) -> None:
+        changed = diff_reloadable(self.config, new)
+        if not changed:
+            return
+        if "mode" in changed and new.mode is not ProxyMode.IPTABLES:
+            log.error("mode change refused: this pyproxy build runs the iptables dataplane "
+                      "only; iptables keeps running", extra={"requested_mode": str(new.mode)})
+            self.metrics.config_rejected()
+            return
+        self.config = new
+        with self.reconciler.lock:
+            self.dataplane.set_context(plan_context(new, self.node))
+        self.reconciler.set_periods(new.min_sync_period, new.sync_period)
+        self.health.set_sync_period(new.sync_period)
+        log.info("configuration applied", extra={"changed": ",".join(sorted(changed))})
+        self.reconciler.request_full_sync()
+
+    def watch_config_file(self, path: str, interval: float = 2.0) -> threading.Thread:
+        """Poll the mounted file: ConfigMap volumes change by atomic symlink swaps."""
+
+        def loop() -> None:
+            last = _read(path)
+            while not self.stop.wait(interval):
+                text = _read(path)
+                if text is not None and text != last:
+                    last = text
+                    self.apply_config_text(text, f"config file {path}")
+
+        t = threading.Thread(target=loop, name="config-file", daemon=True)
+        t.start()
+        return t
+
+    # -- the API sources -------------------------------------------------------------------
+
+    def informers(self, api: client.ApiClient,
+                  config_map: tuple[str, str] | None = None) -> list[kube.Informer]:
+        core = client.CoreV1Api(api)
+        discovery = client.DiscoveryV1Api(api)
+        selector = kube.proxy_label_selector(self.config.service_proxy_name)
+        lock = self.reconciler.lock
+        t = self.tracker
+
+        services = kube.Informer(
+            "services", core.list_service_for_all_namespaces,
+            kube.CallbackHandler(t.set_service, lambda o: t.delete_service(*_key(o)),
+                                 t.replace_services, lock),
+            label_selector=selector, on_event=self._changed)
+        slices = kube.Informer(
+            "endpointslices", discovery.list_endpoint_slice_for_all_namespaces,
+            kube.CallbackHandler(t.set_slice, lambda o: t.delete_slice(*_key(o)),
+                                 t.replace_slices, lock),
+            label_selector=selector, on_event=self._changed)
+        node = kube.Informer(
+            "node", core.list_node,
+            kube.CallbackHandler(self.set_node, lambda _o: self.set_node(None),
+                                 lambda objs: self.set_node(objs[0] if objs else None)),
+            field_selector=f"metadata.name={self.node_name}")
+        out = [services, slices, node]
+        if config_map is not None:
+            ns, name = config_map
+
+            def on_cm(obj: Mapping[str, Any] | None) -> None:
+                data = (obj or {}).get("data") or {}
+                self.apply_config_text(data.get(CONFIG_KEY), f"configmap {ns}/{name}")
+
+            out.append(kube.Informer(
+                "configmap", _namespaced(core.list_namespaced_config_map, ns),
+                kube.CallbackHandler(on_cm, lambda _o: None,
+                                     lambda objs: on_cm(objs[0]) if objs else None),
+                field_selector=f"metadata.name={name}"))
+        return out
+
+    def run(self, informers: list[kube.Informer]) -> None:
+        self.reconciler.ready = kube.all_synced(informers[:2])
+        for informer in informers:
+            informer.start(self.stop)
+        self.reconciler.run(self.stop)
+
+
+class _ServiceHealthUpdater:
+    """After each successful sync, open/close health-check node port servers to match."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def change_queued(self, at: float) -> None:
+        return None
+
+    def sync_failed(self, error: BaseException, *, full: bool) -> None:
+        return None
+
+    def sync_succeeded(self, result: Any, *, full: bool, started: float, finished: float,
+                       change_times: list[float]) -> None:
+        snap = self.agent.tracker.snapshot
+        ports, counts = serve.health_check_targets(snap.services, snap.endpoints)
+        self.agent.service_health.update(ports)
+        self.agent.service_health.update_endpoints(counts)
+
+
+def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace", "")), str(meta.get("name", ""))
+
+
+def _namespaced(fn: Callable[..., Any], namespace: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(namespace, *args, **kwargs)
+
+    call.__doc__ = fn.__doc__  # the watch helper reads the return type from the docstring
+    return call
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError:
+        return None
