@@ -85,6 +85,11 @@ class PlanContext:
     cluster_cidrs: tuple[IPNetwork, ...] = ()
     masquerade_all: bool = False
     masquerade_bit: int = 14
+    # NodePorts on 127.0.0.1 too (kube-proxy's iptables.localhostNodePorts, IPv4 only;
+    # needs route_localnet, which the applier sets).
+    localhost_node_ports: bool = True
+    # nodePortAddresses: empty means every local address.
+    node_port_cidrs: tuple[IPNetwork, ...] = ()
 
     @property
     def mark(self) -> str:
@@ -190,21 +195,21 @@ def categorize(
 def _topology_filter(
     endpoints: Sequence[Endpoint], svc: ServicePort, node: NodeInfo
 ) -> Callable[[Endpoint], bool]:
-    """Hints apply only when every ready endpoint has them and one is for this node/zone."""
+    """Upstream's topologyModeFromHints: hints decide, whatever the Service says.
+
+    Node hints (PreferSameNode) apply when every ready endpoint has some and one
+    names this node; zone hints when every ready endpoint has some and one names
+    this node's zone. Otherwise all endpoints are used.
+    """
     ready = [e for e in endpoints if e.ready]
-    if (
-        svc.prefer_same_node
-        and ready
-        and all(e.node_hints for e in ready)
-        and any(node.name in (e.node_hints or ()) for e in ready)
+    if not ready:
+        return _allow_all
+    if all(e.node_hints for e in ready) and any(
+        node.name in (e.node_hints or ()) for e in ready
     ):
         return lambda e: node.name in (e.node_hints or ())
-    if (
-        (svc.topology_aware or svc.prefer_same_node)
-        and node.zone
-        and ready
-        and all(e.zone_hints for e in ready)
-        and any(node.zone in (e.zone_hints or ()) for e in ready)
+    if node.zone and all(e.zone_hints for e in ready) and any(
+        node.zone in (e.zone_hints or ()) for e in ready
     ):
         return lambda e: node.zone in (e.zone_hints or ())
     return _allow_all
@@ -478,10 +483,27 @@ def assemble(per_service: Sequence[ServiceRules], ctx: PlanContext) -> Plan:
         no_local += sr.no_local_endpoints
 
     mark = ctx.mark
-    shared[(Table.NAT, SERVICES)].append(
-        '-m comment --comment "pyproxy service nodeports; NOTE: this must be the last rule in '
-        f'this chain" -m addrtype --dst-type LOCAL -j {NODEPORTS}'
-    )
+    comment = ('-m comment --comment "pyproxy service nodeports; NOTE: this must be the last '
+               'rule in this chain"')
+    cidrs = [c for c in ctx.node_port_cidrs if c.version == _version(ctx.family)]
+    if cidrs:
+        for cidr in cidrs:
+            shared[(Table.NAT, SERVICES)].append(
+                f"-d {_cidr(cidr)} {comment} -m addrtype --dst-type LOCAL -j {NODEPORTS}")
+    else:
+        loopback = ""
+        if ctx.family is IPFamily.IPv6:
+            loopback = "! -d ::1/128 "
+        elif not ctx.localhost_node_ports:
+            loopback = "! -d 127.0.0.0/8 "
+        shared[(Table.NAT, SERVICES)].append(
+            f"{loopback}{comment} -m addrtype --dst-type LOCAL -j {NODEPORTS}")
+    if ctx.family is IPFamily.IPv4 and ctx.localhost_node_ports and not cidrs:
+        # route_localnet lets DNATed 127.0.0.1 traffic leave the node; this keeps
+        # anyone else from sending 127.0.0.0/8 traffic in (kube-proxy's same rule).
+        shared[(Table.FILTER, FIREWALL)].append(
+            '! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment "block incoming localnet '
+            'connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP')
     shared[(Table.NAT, MARK_MASQ)].append(f"-j MARK --set-xmark {mark}/{mark}")
     shared[(Table.NAT, POSTROUTING)].extend([
         f"-m mark ! --mark {mark}/{mark} -j RETURN",

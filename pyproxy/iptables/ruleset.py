@@ -164,7 +164,15 @@ def render(
             if j.table is table and j not in existing.jumps
             and j.rule not in have.get(j.chain, ())
         ]
-        if not (write or stale or missing_jumps):
+        # Jumps into owned chains that the plan no longer wants (an older pyproxy's, or a
+        # chain going stale) go in the same transaction, or the chain could not be deleted.
+        obsolete_jumps = [
+            (chain, rule)
+            for chain in BUILTIN_CHAINS[table]
+            for rule in have.get(chain, ())
+            if is_owned_rule(rule) and Jump(table, chain, rule) not in desired.jumps
+        ]
+        if not (write or stale or missing_jumps or obsolete_jumps):
             continue
         lines = payload.lines
         lines.append(f"*{table}")
@@ -174,6 +182,8 @@ def render(
             lines.append(f":{name} - [0:0]")  # flushes it, so its jumps elsewhere go first
         for name in write:
             lines.extend(f"-A {name} {rule}" for rule in want[name])
+        for chain, rule in obsolete_jumps:
+            lines.append(f"-D {chain} {rule}")
         for jump in reversed(missing_jumps):  # each goes first, so insert in reverse
             lines.append(f"-I {jump.chain} 1 {jump.rule}")
         for name in stale:

@@ -13,9 +13,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from pyproxy import sysctl
 from pyproxy.iptables.plan import Plan, PlanContext, Planner
 from pyproxy.iptables.restore import IPTables
 from pyproxy.iptables.ruleset import Ruleset, Table, parse_save, render, render_cleanup
+from pyproxy.model import IPFamily
 from pyproxy.tracker import Snapshot
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,9 @@ class IPTablesDataplane:
         self.applied = None
 
     def sync(self, snapshot: Snapshot, *, full: bool) -> SyncResult:
+        if full and self.ctx.localhost_node_ports and self.ctx.family is IPFamily.IPv4:
+            # NodePorts on 127.0.0.1 are DNATed off the host: allowed only with route_localnet.
+            sysctl.ensure("net.ipv4.conf.all.route_localnet", 1)
         t0 = time.perf_counter()
         planned = self.planner.plan(snapshot.services, snapshot.endpoints)
         t1 = time.perf_counter()

@@ -111,6 +111,12 @@ def test_node_port_from_outside(k: Cluster) -> None:
     assert peers_of(replies) == {GATEWAY}, "eTP Cluster traffic must be masqueraded"
 
 
+def test_node_port_on_localhost_from_the_node(k: Cluster) -> None:
+    # kube-proxy's default localhostNodePorts: 127.0.0.1:<nodePort> works on the node.
+    replies = k.probe("node", "127.0.0.1", cluster.NODE_PORTS["web"], count=30)
+    assert pods_of(replies) == PODS
+
+
 def test_external_ip(k: Cluster) -> None:
     replies = k.probe("client", cluster.EXTERNAL_IP, 80, count=30)
     assert pods_of(replies) == PODS
