@@ -3,7 +3,7 @@
 # Sourced by demo.sh and test.sh so each works on its own.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-APT_PACKAGES=(iptables ipset conntrack iproute2 kmod)
+APT_PACKAGES=(iptables ipset conntrack iproute2 kmod user-mode-linux ipvsadm)
 
 need_apt=()
 for pkg in "${APT_PACKAGES[@]}"; do
