@@ -49,6 +49,8 @@ class Snapshot:
     services: Mapping[ServicePortName, ServicePort]
     endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]]
     changed: frozenset[ServiceKey]
+    # The service ports of the changed Services, before and after: what a planner redoes.
+    changed_ports: frozenset[ServicePortName] = frozenset()
 
 
 @dataclass
@@ -159,10 +161,13 @@ class ChangeTracker:
     def checkout(self) -> Snapshot:
         """Fold pending changes into the snapshot; report the services that really changed."""
         changed: set[ServiceKey] = set()
+        changed_ports: set[ServicePortName] = set()
         for key in self._pending:
             ports, eps = self._compute(key)
             if ports == self._ports.get(key, {}) and eps == self._eps.get(key, {}):
                 continue
+            changed_ports.update(self._ports.get(key, {}))
+            changed_ports.update(ports)
             for spn in self._ports.get(key, {}):
                 self._all_ports.pop(spn, None)
                 self._all_eps.pop(spn, None)
@@ -175,7 +180,8 @@ class ChangeTracker:
                 self._eps.pop(key, None)
             changed.add(key)
         self._pending.clear()
-        return Snapshot(self._all_ports, self._all_eps, frozenset(changed))
+        return Snapshot(self._all_ports, self._all_eps, frozenset(changed),
+                        frozenset(changed_ports))
 
     def _compute(self, key: ServiceKey) -> tuple[PortMap, EndpointsMap]:
         svc = self._services.get(key)

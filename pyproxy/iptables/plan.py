@@ -30,7 +30,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pyproxy.iptables.ruleset import Jump, Ruleset, Table
@@ -414,38 +414,21 @@ def _to_endpoints(svc: ServicePort, endpoints: Sequence[Endpoint]) -> list[str]:
     return rules
 
 
-@dataclass
-class Planner:
-    """Builds whole rulesets, reusing each service port's rules while its inputs are unchanged.
+SHARDS = 16  # dispatch chains per table; a full sync on nf_tables writes one shard at a time
 
-    The cache is what keeps the Python work for one changed service small at
-    10,000 services: unchanged ports cost a dict lookup and an equality check.
-    """
 
-    ctx: PlanContext
-    _cache: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...], ServiceRules]] = (
-        field(default_factory=dict)
-    )
+def shard_of(name: ServicePortName) -> int:
+    """Which dispatch shard a service port's rules live in: stable, like chain names."""
+    digest = hashlib.sha256(f"{name}{name.protocol.lower()}".encode()).digest()
+    return digest[0] % SHARDS
 
-    def plan(
-        self,
-        services: Mapping[ServicePortName, ServicePort],
-        endpoints: Mapping[ServicePortName, Sequence[Endpoint]],
-    ) -> Plan:
-        per_service: list[ServiceRules] = []
-        cache: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...], ServiceRules]] = {}
-        for spn in sorted(services):
-            svc = services[spn]
-            eps = tuple(endpoints.get(spn, ()))
-            hit = self._cache.get(spn)
-            if hit is not None and hit[0] == svc and hit[1] == eps:
-                rules = hit[2]
-            else:
-                rules = service_rules(svc, eps, self.ctx)
-            cache[spn] = (svc, eps, rules)
-            per_service.append(rules)
-        self._cache = cache
-        return assemble(per_service, self.ctx)
+
+def shard_chain(base: str, shard: int) -> str:
+    return f"{base}-{shard:02X}"
+
+
+_SHARDED = {(Table.NAT, SERVICES), (Table.NAT, NODEPORTS)}
+ChainKey = tuple[Table, str]
 
 
 @dataclass(frozen=True)
@@ -453,6 +436,190 @@ class Plan:
     ruleset: Ruleset
     chains_by_service: Mapping[ServicePortName, tuple[str, ...]]
     no_local_endpoints: int
+    # The chains this plan may have changed since the previous one, or None for "any"
+    # (the first plan, or a full re-plan): a partial sync compares only these.
+    touched: frozenset[ChainKey] | None = None
+
+
+@dataclass
+class Planner:
+    """Keeps the desired ruleset up to date, re-planning only the service ports that changed.
+
+    Each service port's rules are a pure function of (port, endpoints, context),
+    cached with their inputs; dispatch chains are rebuilt only for the shards a
+    change lands in. That keeps the Python work for one changed service small
+    at 10,000 services, while `plan()` with no change set re-checks everything.
+    """
+
+    ctx: PlanContext
+    _cache: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...], ServiceRules]] = (
+        field(default_factory=dict))
+    _shared: dict[ChainKey, dict[ServicePortName, tuple[str, ...]]] = field(default_factory=dict)
+    _nat: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    _filter: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    _groups: dict[str, int] = field(default_factory=dict)
+    _no_local: int = 0
+    _started: bool = False
+
+    def plan(
+        self,
+        services: Mapping[ServicePortName, ServicePort],
+        endpoints: Mapping[ServicePortName, Sequence[Endpoint]],
+        changed: Iterable[ServicePortName] | None = None,
+    ) -> Plan:
+        full = changed is None or not self._started
+        check = set(services) | set(self._cache) if full else set(changed or ())
+        touched: set[ChainKey] = set()
+        shared_touched: set[ChainKey] = set()
+        if not self._started:
+            self._static(touched)
+            self._started = True
+        for spn in sorted(check):
+            self._update(spn, services.get(spn), endpoints, touched, shared_touched)
+        for key in shared_touched:
+            self._rebuild_shared(key, touched)
+        self._top_level(touched)
+        rs = Ruleset(chains={Table.FILTER: dict(self._filter), Table.NAT: dict(self._nat)},
+                     jumps=jump_rules(), groups=self._groups)
+        return Plan(
+            ruleset=rs,
+            chains_by_service={spn: tuple(c for c, _ in hit[2].nat_chains)
+                               for spn, hit in self._cache.items()},
+            no_local_endpoints=self._no_local,
+            touched=None if full else frozenset(touched),
+        )
+
+    # -- one service port ------------------------------------------------------------
+
+    def _update(self, spn: ServicePortName, svc: ServicePort | None,
+                endpoints: Mapping[ServicePortName, Sequence[Endpoint]],
+                touched: set[ChainKey], shared_touched: set[ChainKey]) -> None:
+        old = self._cache.get(spn)
+        if svc is None:
+            if old is None:
+                return
+            new_rules = ServiceRules(spn)
+            del self._cache[spn]
+        else:
+            eps = tuple(endpoints.get(spn, ()))
+            if old is not None and old[0] == svc and old[1] == eps:
+                return
+            new_rules = service_rules(svc, eps, self.ctx)
+            self._cache[spn] = (svc, eps, new_rules)
+        old_rules = old[2] if old is not None else ServiceRules(spn)
+        shard = shard_of(spn)
+        new_chains = dict(new_rules.nat_chains)
+        for chain, _ in old_rules.nat_chains:
+            if chain not in new_chains:
+                self._nat.pop(chain, None)
+                self._groups.pop(chain, None)
+                touched.add((Table.NAT, chain))
+        for chain, rules in new_chains.items():
+            if self._nat.get(chain) != rules:
+                self._nat[chain] = rules
+                touched.add((Table.NAT, chain))
+            self._groups[chain] = shard
+        old_parts = _contributions(old_rules, shard)
+        new_parts = _contributions(new_rules, shard)
+        for key in old_parts.keys() | new_parts.keys():
+            if old_parts.get(key) != new_parts.get(key):
+                bucket = self._shared.setdefault(key, {})
+                if key in new_parts:
+                    bucket[spn] = new_parts[key]
+                else:
+                    bucket.pop(spn, None)
+                shared_touched.add(key)
+        self._no_local += new_rules.no_local_endpoints - old_rules.no_local_endpoints
+
+    def _rebuild_shared(self, key: ChainKey, touched: set[ChainKey]) -> None:
+        table, chain = key
+        bucket = self._shared.get(key, {})
+        rules = tuple(r for spn in sorted(bucket) for r in bucket[spn])
+        target = self._nat if table is Table.NAT else self._filter
+        head, tail = self._fixed.get(key, ((), ()))
+        rules = head + rules + tail
+        if chain.startswith((SERVICES + "-", NODEPORTS + "-")) and not rules:
+            if target.pop(chain, None) is not None:
+                touched.add(key)
+            self._groups.pop(chain, None)
+            return
+        if target.get(chain) != rules:
+            target[chain] = rules
+            touched.add(key)
+        if chain.startswith((SERVICES + "-", NODEPORTS + "-")):
+            self._groups[chain] = int(chain[-2:], 16)
+
+    # -- chains that do not belong to one service ------------------------------------------
+
+    @property
+    def _fixed(self) -> dict[ChainKey, tuple[tuple[str, ...], tuple[str, ...]]]:
+        """Rules around the per-service contributions of the shared filter chains."""
+        ctx = self.ctx
+        cidrs = [c for c in ctx.node_port_cidrs if c.version == _version(ctx.family)]
+        head: tuple[str, ...] = ()
+        if ctx.family is IPFamily.IPv4 and ctx.localhost_node_ports and not cidrs:
+            # route_localnet lets DNATed 127.0.0.1 traffic leave the node; this keeps
+            # anyone else from sending 127.0.0.0/8 traffic in (kube-proxy's same rule).
+            head = ('! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment "block incoming '
+                    'localnet connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT '
+                    "-j DROP",)
+        return {(Table.FILTER, FIREWALL): (head, ())}
+
+    def _static(self, touched: set[ChainKey]) -> None:
+        mark = self.ctx.mark
+        self._nat[MARK_MASQ] = (f"-j MARK --set-xmark {mark}/{mark}",)
+        self._nat[POSTROUTING] = (
+            f"-m mark ! --mark {mark}/{mark} -j RETURN",
+            f"-j MARK --set-xmark {mark}/0x0",
+            '-m comment --comment "pyproxy service traffic requiring SNAT" -j MASQUERADE '
+            "--random-fully",
+        )
+        self._filter[FORWARD] = (
+            "-m conntrack --ctstate INVALID -j DROP",
+            f'-m comment --comment "pyproxy forwarding rules" -m mark --mark {mark}/{mark} '
+            "-j ACCEPT",
+            '-m comment --comment "pyproxy forwarding conntrack rule" -m conntrack --ctstate '
+            "RELATED,ESTABLISHED -j ACCEPT",
+        )
+        for chain in FILTER_BASE_CHAINS:
+            self._filter.setdefault(chain, ())
+        self._rebuild_shared((Table.FILTER, FIREWALL), touched)
+        touched.update((Table.NAT, c) for c in (MARK_MASQ, POSTROUTING))
+        touched.update((Table.FILTER, c) for c in FILTER_BASE_CHAINS)
+
+    def _top_level(self, touched: set[ChainKey]) -> None:
+        """PYPROXY-SERVICES and PYPROXY-NODEPORTS jump to their non-empty shards."""
+        ctx = self.ctx
+        services = [f"-j {shard_chain(SERVICES, i)}" for i in range(SHARDS)
+                    if shard_chain(SERVICES, i) in self._nat]
+        comment = ('-m comment --comment "pyproxy service nodeports; NOTE: this must be the '
+                   'last rule in this chain"')
+        cidrs = [c for c in ctx.node_port_cidrs if c.version == _version(ctx.family)]
+        if cidrs:
+            services += [f"-d {_cidr(c)} {comment} -m addrtype --dst-type LOCAL -j {NODEPORTS}"
+                         for c in cidrs]
+        else:
+            loopback = ""
+            if ctx.family is IPFamily.IPv6:
+                loopback = "! -d ::1/128 "
+            elif not ctx.localhost_node_ports:
+                loopback = "! -d 127.0.0.0/8 "
+            services.append(f"{loopback}{comment} -m addrtype --dst-type LOCAL -j {NODEPORTS}")
+        nodeports = [f"-j {shard_chain(NODEPORTS, i)}" for i in range(SHARDS)
+                     if shard_chain(NODEPORTS, i) in self._nat]
+        for chain, rules in ((SERVICES, tuple(services)), (NODEPORTS, tuple(nodeports))):
+            if self._nat.get(chain) != rules:
+                self._nat[chain] = rules
+                touched.add((Table.NAT, chain))
+
+
+def _contributions(rules: ServiceRules, shard: int) -> dict[ChainKey, tuple[str, ...]]:
+    """A service port's rules in shared chains, with nat dispatch mapped to its shard."""
+    out: dict[ChainKey, list[str]] = {}
+    for table, chain, rule in rules.dispatch:
+        key = (table, shard_chain(chain, shard)) if (table, chain) in _SHARDED else (table, chain)
+        out.setdefault(key, []).append(rule)
+    return {k: tuple(v) for k, v in out.items()}
 
 
 def plan(
@@ -462,71 +629,6 @@ def plan(
 ) -> Plan:
     """The whole desired ruleset for one IP family."""
     return Planner(ctx).plan(services, endpoints)
-
-
-def assemble(per_service: Sequence[ServiceRules], ctx: PlanContext) -> Plan:
-    rs = Ruleset()
-    nat = rs.table(Table.NAT)
-    flt = rs.table(Table.FILTER)
-    shared: dict[tuple[Table, str], list[str]] = {
-        **{(Table.NAT, c): [] for c in NAT_BASE_CHAINS},
-        **{(Table.FILTER, c): [] for c in FILTER_BASE_CHAINS},
-    }
-    chains_by_service: dict[ServicePortName, tuple[str, ...]] = {}
-    no_local = 0
-    for sr in per_service:
-        for table, chain, rule in sr.dispatch:
-            shared[(table, chain)].append(rule)
-        for chain, rules in sr.nat_chains:
-            nat[chain] = rules
-        chains_by_service[sr.name] = tuple(c for c, _ in sr.nat_chains)
-        no_local += sr.no_local_endpoints
-
-    mark = ctx.mark
-    comment = ('-m comment --comment "pyproxy service nodeports; NOTE: this must be the last '
-               'rule in this chain"')
-    cidrs = [c for c in ctx.node_port_cidrs if c.version == _version(ctx.family)]
-    if cidrs:
-        for cidr in cidrs:
-            shared[(Table.NAT, SERVICES)].append(
-                f"-d {_cidr(cidr)} {comment} -m addrtype --dst-type LOCAL -j {NODEPORTS}")
-    else:
-        loopback = ""
-        if ctx.family is IPFamily.IPv6:
-            loopback = "! -d ::1/128 "
-        elif not ctx.localhost_node_ports:
-            loopback = "! -d 127.0.0.0/8 "
-        shared[(Table.NAT, SERVICES)].append(
-            f"{loopback}{comment} -m addrtype --dst-type LOCAL -j {NODEPORTS}")
-    if ctx.family is IPFamily.IPv4 and ctx.localhost_node_ports and not cidrs:
-        # route_localnet lets DNATed 127.0.0.1 traffic leave the node; this keeps
-        # anyone else from sending 127.0.0.0/8 traffic in (kube-proxy's same rule).
-        shared[(Table.FILTER, FIREWALL)].append(
-            '! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment "block incoming localnet '
-            'connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP')
-    shared[(Table.NAT, MARK_MASQ)].append(f"-j MARK --set-xmark {mark}/{mark}")
-    shared[(Table.NAT, POSTROUTING)].extend([
-        f"-m mark ! --mark {mark}/{mark} -j RETURN",
-        f"-j MARK --set-xmark {mark}/0x0",
-        '-m comment --comment "pyproxy service traffic requiring SNAT" -j MASQUERADE '
-        "--random-fully",
-    ])
-    shared[(Table.FILTER, FORWARD)].extend([
-        "-m conntrack --ctstate INVALID -j DROP",
-        f'-m comment --comment "pyproxy forwarding rules" -m mark --mark {mark}/{mark} -j ACCEPT',
-        '-m comment --comment "pyproxy forwarding conntrack rule" -m conntrack --ctstate '
-        "RELATED,ESTABLISHED -j ACCEPT",
-    ])
-    for (table, chain), shared_rules in shared.items():
-        rs.table(table)[chain] = tuple(shared_rules)
-    # Keep the per-service chains after the shared ones, in a stable order.
-    rs.chains[Table.NAT] = {
-        **{c: nat[c] for c in NAT_BASE_CHAINS},
-        **{c: r for c, r in nat.items() if c not in NAT_BASE_CHAINS},
-    }
-    rs.chains[Table.FILTER] = {c: flt[c] for c in FILTER_BASE_CHAINS}
-    rs.jumps = jump_rules()
-    return Plan(rs, chains_by_service, no_local)
 
 
 def jump_rules() -> tuple[Jump, ...]:

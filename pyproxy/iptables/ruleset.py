@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import shlex
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 PREFIX = "PYPROXY-"
@@ -68,6 +68,9 @@ class Ruleset:
         default_factory=lambda: {Table.FILTER: {}, Table.NAT: {}}
     )
     jumps: tuple[Jump, ...] = ()
+    # Transaction groups for large syncs: chain -> group (a service's chains share its
+    # dispatch shard's group). Chains without a group go in the first transaction.
+    groups: Mapping[str, int] = field(default_factory=dict, compare=False)
 
     def table(self, table: Table) -> dict[str, tuple[str, ...]]:
         return self.chains.setdefault(table, {})
@@ -131,65 +134,141 @@ class RestorePayload:
         return bool(self.lines)
 
 
-def render(
-    desired: Ruleset,
-    existing: Ruleset,
-    *,
-    only: Iterable[str] | None = None,
-) -> RestorePayload:
-    """The restore payload that turns ``existing`` (pyproxy's part) into ``desired``.
+@dataclass
+class _TableChange:
+    table: Table
+    write: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    missing_jumps: list[Jump] = field(default_factory=list)
+    obsolete_jumps: list[tuple[str, str]] = field(default_factory=list)
 
-    With ``only=None`` every desired owned chain is declared and rewritten (a
-    full sync). With ``only`` given, just those chains are rewritten, plus any
-    chain whose rules differ from ``existing`` (a partial sync): chains that did
-    not change are not even declared, because on nf_tables re-declaring a chain
-    is what makes large transactions slow. Owned chains that exist but are not
-    desired are flushed and deleted in the same transaction, after the rules
-    that referenced them are gone, so no packet meets half a service.
-    """
-    forced = None if only is None else set(only)
-    payload = RestorePayload()
-    for table in (Table.FILTER, Table.NAT):
-        want = desired.table(table)
-        have = existing.table(table)
-        write = [
-            name
-            for name in want
-            if is_owned_chain(name)
-            and (forced is None or name in forced or have.get(name) != want[name])
-        ]
-        stale = sorted(name for name in have if is_owned_chain(name) and name not in want)
-        missing_jumps = [
+    def __bool__(self) -> bool:
+        return bool(self.write or self.stale or self.missing_jumps or self.obsolete_jumps)
+
+
+def _changes(desired: Ruleset, existing: Ruleset, table: Table, forced: set[str] | None,
+             chains: Collection[tuple[Table, str]] | None) -> _TableChange:
+    want = desired.table(table)
+    have = existing.table(table)
+    change = _TableChange(table)
+    if chains is None:
+        names: Iterable[str] = set(want) | set(have)
+    else:
+        names = {name for t, name in chains if t is table}
+    for name in sorted(names):
+        if not is_owned_chain(name):
+            continue
+        if name in want:
+            if (forced is None or name in forced or have.get(name) != want[name]):
+                change.write.append(name)
+        elif name in have:
+            change.stale.append(name)
+    if chains is None:
+        change.missing_jumps = [
             j for j in desired.jumps
             if j.table is table and j not in existing.jumps
             and j.rule not in have.get(j.chain, ())
         ]
         # Jumps into owned chains that the plan no longer wants (an older pyproxy's, or a
         # chain going stale) go in the same transaction, or the chain could not be deleted.
-        obsolete_jumps = [
+        change.obsolete_jumps = [
             (chain, rule)
             for chain in BUILTIN_CHAINS[table]
             for rule in have.get(chain, ())
             if is_owned_rule(rule) and Jump(table, chain, rule) not in desired.jumps
         ]
-        if not (write or stale or missing_jumps or obsolete_jumps):
-            continue
-        lines = payload.lines
-        lines.append(f"*{table}")
-        for name in write:
-            lines.append(f":{name} - [0:0]")
-        for name in stale:
-            lines.append(f":{name} - [0:0]")  # flushes it, so its jumps elsewhere go first
-        for name in write:
-            lines.extend(f"-A {name} {rule}" for rule in want[name])
-        for chain, rule in obsolete_jumps:
-            lines.append(f"-D {chain} {rule}")
-        for jump in reversed(missing_jumps):  # each goes first, so insert in reverse
-            lines.append(f"-I {jump.chain} 1 {jump.rule}")
-        for name in stale:
-            lines.append(f"-X {name}")
-        lines.append("COMMIT")
+    return change
+
+
+def _section(lines: list[str], table: Table, want: Mapping[str, tuple[str, ...]], *,
+             declare: Iterable[str] = (), write: Iterable[str] = (),
+             stale: Iterable[str] = (), obsolete: Iterable[tuple[str, str]] = (),
+             jumps: Iterable[Jump] = ()) -> None:
+    write, stale, obsolete, jumps = list(write), list(stale), list(obsolete), list(jumps)
+    declare = [name for name in declare if name not in write]
+    if not (declare or write or stale or obsolete or jumps):
+        return
+    lines.append(f"*{table}")
+    lines.extend(f":{name} - [0:0]" for name in (*declare, *write, *stale))
+    for name in write:
+        lines.extend(f"-A {name} {rule}" for rule in want[name])
+    lines.extend(f"-D {chain} {rule}" for chain, rule in obsolete)
+    # each jump goes first, so insert in reverse
+    lines.extend(f"-I {jump.chain} 1 {jump.rule}" for jump in reversed(jumps))
+    lines.extend(f"-X {name}" for name in stale)  # flushed above, after their users changed
+    lines.append("COMMIT")
+
+
+def render(
+    desired: Ruleset,
+    existing: Ruleset,
+    *,
+    only: Iterable[str] | None = None,
+    chains: Collection[tuple[Table, str]] | None = None,
+) -> RestorePayload:
+    """The restore payload that turns ``existing`` (pyproxy's part) into ``desired``.
+
+    Chains whose rules already match are not even declared, because on
+    nf_tables re-declaring a chain is what makes large transactions slow.
+    ``only=None`` with an empty ``existing`` writes everything; ``only`` names
+    chains to rewrite even if unchanged. ``chains`` restricts the comparison to
+    those (table, chain) pairs: a partial sync passes what its plan touched, so
+    its cost follows the change, not the size of the ruleset. Owned chains that
+    exist but are not desired are flushed and deleted in the same transaction,
+    after the rules that referenced them are gone, so no packet meets half a
+    service.
+    """
+    forced = None if only is None else set(only)
+    payload = RestorePayload()
+    for table in (Table.FILTER, Table.NAT):
+        c = _changes(desired, existing, table, forced, chains)
+        _section(payload.lines, table, desired.table(table), write=c.write, stale=c.stale,
+                 obsolete=c.obsolete_jumps, jumps=c.missing_jumps)
     return payload
+
+
+def render_transactions(
+    desired: Ruleset,
+    existing: Ruleset,
+    *,
+    chains: Collection[tuple[Table, str]] | None = None,
+) -> list[RestorePayload]:
+    """Like `render`, split into transactions by ``desired.groups`` (dispatch shards).
+
+    For nf_tables, where the cost of one transaction grows much faster than the
+    chains it declares. The first transaction holds the shared chains and the
+    jumps (declaring, empty, any grouped chain they will reference that does
+    not exist yet); then one per group, each carrying a shard's dispatch chain
+    together with every chain of the services in it, so a service's chains and
+    its dispatch rules still change together; stale chains go last, when
+    nothing references them any more.
+    """
+    out: list[RestorePayload] = []
+    base = RestorePayload()
+    per_group: dict[int, RestorePayload] = {}
+    final = RestorePayload()
+    for table in (Table.FILTER, Table.NAT):
+        c = _changes(desired, existing, table, set(), chains)
+        want, have = desired.table(table), existing.table(table)
+        grouped: dict[int, list[str]] = {}
+        ungrouped: list[str] = []
+        for name in c.write:
+            g = desired.groups.get(name)
+            (ungrouped if g is None else grouped.setdefault(g, [])).append(name)
+        # Only the shared chains' jump targets need to exist before their own transaction.
+        targets = {_target(rule) for name in ungrouped for rule in want[name]}
+        placeholders = [n for names in grouped.values() for n in names
+                        if n not in have and n in targets]
+        _section(base.lines, table, want, declare=sorted(placeholders), write=ungrouped,
+                 jumps=c.missing_jumps)
+        for g in sorted(grouped):
+            _section(per_group.setdefault(g, RestorePayload()).lines, table, want,
+                     write=grouped[g])
+        _section(final.lines, table, want, stale=c.stale, obsolete=c.obsolete_jumps)
+    out.append(base)
+    out.extend(per_group[g] for g in sorted(per_group))
+    out.append(final)
+    return [p for p in out if p]
 
 
 def render_cleanup(existing: Ruleset, owned: Iterable[str] | None = None) -> RestorePayload:

@@ -5,6 +5,10 @@ chains that differ from the plan, so it repairs drift and, when nothing
 drifted, writes nothing. A partial sync diffs against what this process last
 wrote, so it never reads the kernel. Either way one transaction carries a
 service's chains together with the dispatch rules that point at them.
+
+After a successful write, stale UDP/SCTP conntrack entries are deleted
+(pyproxy.conntrack), as kube-proxy does; a failure there is logged and never
+fails the sync.
 """
 
 from __future__ import annotations
@@ -14,13 +18,25 @@ import time
 from dataclasses import dataclass, field
 
 from pyproxy import sysctl
+from pyproxy.conntrack import StaleFlowCleaner
 from pyproxy.iptables.plan import Plan, PlanContext, Planner
-from pyproxy.iptables.restore import IPTables
-from pyproxy.iptables.ruleset import Ruleset, Table, parse_save, render, render_cleanup
+from pyproxy.iptables.restore import Backend, IPTables
+from pyproxy.iptables.ruleset import (
+    Ruleset,
+    Table,
+    parse_save,
+    render,
+    render_cleanup,
+    render_transactions,
+)
 from pyproxy.model import IPFamily
 from pyproxy.tracker import Snapshot
 
 log = logging.getLogger(__name__)
+
+# Below this many lines one nf_tables transaction is cheaper than several; above it,
+# transactions are split by dispatch shard (see render_transactions).
+SINGLE_TRANSACTION_LINES = 5000
 
 
 @dataclass
@@ -30,6 +46,9 @@ class SyncResult:
     plan: Plan
     plan_seconds: float
     apply_seconds: float
+    transactions: int = 1
+    conntrack_deleted: int = 0  # stale UDP/SCTP entries deleted after the write
+    conntrack_failed: bool = False  # the cleanup raised (logged; the rules were written)
 
 
 @dataclass
@@ -38,37 +57,71 @@ class IPTablesDataplane:
     ctx: PlanContext
     planner: Planner = field(init=False)
     applied: Ruleset | None = field(default=None, init=False)
+    # Its own copy of the UDP state last applied (the tracker's maps are live).
+    conntrack: StaleFlowCleaner | None = None
 
     def __post_init__(self) -> None:
         self.planner = Planner(self.ctx)
+        if self.conntrack is None:
+            self.conntrack = StaleFlowCleaner(self.ctx.node, self.ctx.family)
 
     def set_context(self, ctx: PlanContext) -> None:
         """New node facts or masquerade settings: everything must be re-planned."""
         self.ctx = ctx
         self.planner = Planner(ctx)
         self.applied = None
+        if self.conntrack is not None:
+            self.conntrack.set_node(ctx.node)
 
     def sync(self, snapshot: Snapshot, *, full: bool) -> SyncResult:
         if full and self.ctx.localhost_node_ports and self.ctx.family is IPFamily.IPv4:
             # NodePorts on 127.0.0.1 are DNATed off the host: allowed only with route_localnet.
             sysctl.ensure("net.ipv4.conf.all.route_localnet", 1)
-        t0 = time.perf_counter()
-        planned = self.planner.plan(snapshot.services, snapshot.endpoints)
-        t1 = time.perf_counter()
         full = full or self.applied is None
-        existing = parse_save(self.iptables.save()) if full else self.applied
-        assert existing is not None
-        payload = render(planned.ruleset, existing, only=())
-        if payload:
-            try:
+        t0 = time.perf_counter()
+        planned = self.planner.plan(snapshot.services, snapshot.endpoints,
+                                    None if full else snapshot.changed_ports)
+        t1 = time.perf_counter()
+        if full:
+            existing = parse_save(self.iptables.save())
+            touched = None
+        else:
+            assert self.applied is not None
+            existing, touched = self.applied, planned.touched
+        payloads = [render(planned.ruleset, existing, only=(), chains=touched)]
+        # legacy rewrites the whole table on every restore, so one transaction is cheapest
+        # there; nf_tables pays for large transactions, so big ones are split by shard.
+        if (self.iptables.backend is Backend.NFT
+                and len(payloads[0].lines) > SINGLE_TRANSACTION_LINES):
+            payloads = render_transactions(planned.ruleset, existing, chains=touched)
+        lines = 0
+        try:
+            for payload in payloads:
                 self.iptables.restore(payload)
-            except Exception:
-                self.applied = None  # unknown kernel state: the next sync must be full
-                raise
+                lines += len(payload.lines)
+        except Exception:
+            self.applied = None  # unknown kernel state: the next sync must be full
+            if self.conntrack is not None:
+                self.conntrack.forget()  # and the next conntrack cleanup must reconcile
+            raise
         self.applied = planned.ruleset
         t2 = time.perf_counter()
-        log.debug("iptables sync", extra={"full": full, "lines": len(payload.lines)})
-        return SyncResult(full, len(payload.lines), planned, t1 - t0, t2 - t1)
+        deleted, failed = self._delete_stale_flows(snapshot)
+        log.debug("iptables sync", extra={"full": full, "lines": lines,
+                                          "transactions": len(payloads)})
+        return SyncResult(full, lines, planned, t1 - t0, t2 - t1, len(payloads),
+                          conntrack_deleted=deleted, conntrack_failed=failed)
+
+    def _delete_stale_flows(self, snapshot: Snapshot) -> tuple[int, bool]:
+        """After the rules are in place, never before; never fails the sync."""
+        if self.conntrack is None:
+            return 0, False
+        try:
+            return self.conntrack.after_sync(snapshot.services, snapshot.endpoints).deleted, False
+        except Exception as err:
+            log.warning("could not delete stale conntrack entries; will reconcile next sync",
+                        extra={"error": f"{type(err).__name__}: {err}"})
+            return 0, True
 
     def rule_counts(self) -> dict[Table, int]:
         rs = self.applied or Ruleset()
