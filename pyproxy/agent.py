@@ -64,6 +64,9 @@ class Agent:
     service_health: serve.ServiceHealthServers = field(init=False)
     stop: threading.Event = field(default_factory=threading.Event)
     _servers: list[Any] = field(default_factory=list)
+    # Changes seen but not yet synced, per kind ("service", "endpoints"): key -> when.
+    _unsynced: dict[str, dict[tuple[str, str], float]] = field(
+        default_factory=lambda: {"service": {}, "endpoints": {}})
 
     def __post_init__(self) -> None:
         self.node = self.dataplane.ctx.node
@@ -75,7 +78,8 @@ class Agent:
             self.tracker, self.dataplane,
             min_sync_period=self.config.min_sync_period,
             sync_period=self.config.sync_period,
-            observers=[self.health, self.metrics, _ServiceHealthUpdater(self)],
+            observers=[self.health, self.metrics, _ServiceHealthUpdater(self),
+                       _ChangeCounter(self)],
         )
 
     def _invalid(self, err: InvalidObject) -> None:
@@ -105,7 +109,27 @@ class Agent:
     def _changed(self) -> None:
         self.reconciler.changed()
 
+    def _seen(self, kind: str, obj: Mapping[str, Any]) -> None:
+        """Count one Service or EndpointSlice event for the changes metrics (kube-proxy's)."""
+        key = _key(obj)
+        if kind == "endpoints":  # pending endpoint changes are counted per Service
+            labels = (obj.get("metadata") or {}).get("labels") or {}
+            key = (key[0], str(labels.get("kubernetes.io/service-name", key[1])))
+            self.metrics.inc_endpoint_changes()
+        else:
+            self.metrics.inc_service_changes()
+        with self.reconciler.lock:
+            self._unsynced[kind][key] = self.reconciler.clock()
+        self._publish_unsynced()
+
+    def _publish_unsynced(self) -> None:
+        with self.reconciler.lock:
+            services, endpoints = (len(self._unsynced[k]) for k in ("service", "endpoints"))
+        self.metrics.set_service_changes_pending(services)
+        self.metrics.set_endpoint_changes_pending(endpoints)
+
     def set_node(self, obj: Mapping[str, Any] | None) -> None:
+        self.health.sync_node(obj)  # deleted or marked for deletion: /healthz drains the node
         try:
             node = parse_node(obj) if obj is not None else NodeInfo(self.node_name)
         except InvalidObject as err:
@@ -177,14 +201,23 @@ class Agent:
         lock = self.reconciler.lock
         t = self.tracker
 
+        def counted(kind: str, fn: Callable[[dict[str, Any]], None]
+                    ) -> Callable[[dict[str, Any]], None]:
+            def call(obj: dict[str, Any]) -> None:
+                fn(obj)
+                self._seen(kind, obj)
+            return call
+
         services = kube.Informer(
             "services", core.list_service_for_all_namespaces,
-            kube.CallbackHandler(t.set_service, lambda o: t.delete_service(*_key(o)),
+            kube.CallbackHandler(counted("service", t.set_service),
+                                 counted("service", lambda o: t.delete_service(*_key(o))),
                                  t.replace_services, lock),
             label_selector=selector, on_event=self._changed)
         slices = kube.Informer(
             "endpointslices", discovery.list_endpoint_slice_for_all_namespaces,
-            kube.CallbackHandler(t.set_slice, lambda o: t.delete_slice(*_key(o)),
+            kube.CallbackHandler(counted("endpoints", t.set_slice),
+                                 counted("endpoints", lambda o: t.delete_slice(*_key(o))),
                                  t.replace_slices, lock),
             label_selector=selector, on_event=self._changed)
         node = kube.Informer(
@@ -232,6 +265,28 @@ class _ServiceHealthUpdater:
         ports, counts = serve.health_check_targets(snap.services, snap.endpoints)
         self.agent.service_health.update(ports)
         self.agent.service_health.update_endpoints(counts)
+
+
+class _ChangeCounter:
+    """kube-proxy's pending-changes gauges: changes seen before a successful sync started
+    are programmed by it; the rest still wait."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def change_queued(self, at: float) -> None:
+        return None
+
+    def sync_failed(self, error: BaseException, *, full: bool) -> None:
+        return None
+
+    def sync_succeeded(self, result: Any, *, full: bool, started: float, finished: float,
+                       change_times: list[float]) -> None:
+        with self.agent.reconciler.lock:
+            for pending in self.agent._unsynced.values():
+                for key in [k for k, at in pending.items() if at <= started]:
+                    del pending[key]
+        self.agent._publish_unsynced()
 
 
 def _key(obj: Mapping[str, Any]) -> tuple[str, str]:

@@ -271,6 +271,20 @@ def render_transactions(
     return [p for p in out if p]
 
 
+# What an upstream kube-proxy leaves behind (iptables and IPVS modes), for
+# `pyproxy cleanup --kube-proxy`: its own chains by name or prefix, as its
+# CleanupLeftovers knows them. Not the kubelet's (KUBE-FIREWALL,
+# KUBE-KUBELET-CANARY, KUBE-MARK-DROP, KUBE-MARK-MASQ on older kubelets,
+# KUBE-IPTABLES-HINT), which the kubelet would recreate anyway.
+KUBE_PROXY_CHAINS = (
+    "KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING",
+    "KUBE-FORWARD", "KUBE-PROXY-FIREWALL", "KUBE-PROXY-CANARY",
+    "KUBE-SVC-", "KUBE-SEP-", "KUBE-EXT-", "KUBE-SVL-", "KUBE-FW-", "KUBE-XLB-",
+    "KUBE-LOAD-BALANCER", "KUBE-NODE-PORT", "KUBE-FIRE-WALL", "KUBE-IPVS-FILTER",
+    "KUBE-IPVS-OUT-FILTER",
+)
+
+
 def render_cleanup(existing: Ruleset, owned: Iterable[str] | None = None) -> RestorePayload:
     """A payload deleting every owned chain and every owned jump in built-in chains.
 

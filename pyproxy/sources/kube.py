@@ -9,7 +9,12 @@ Error policy, explicit (after kopf's watching.py and client-go's reflector):
   resourceVersion and relist (at once, no backoff);
 - anything else (connection refused, read timeout, cut stream, 429, 5xx,
   malformed headers): back off with jitter (tenacity), honouring Retry-After,
-  and re-watch from the last resourceVersion;
+  and re-watch from the last resourceVersion. The backoff grows with
+  consecutive failures only: a list or a watch event in between starts it
+  over, so a few faults spread over hours never leave an informer waiting
+  30 s. While the API server refuses connections the backoff stays under
+  ``UNREACHABLE_MAX_BACKOFF`` (a refused connect costs the server nothing), so
+  changes made after it returns are seen within about a second;
 - urllib3's own retries are switched off so that this policy is the only one.
 
 Handlers get raw dicts; they never see client models. While the API server is
@@ -40,6 +45,7 @@ HEADLESS = "service.kubernetes.io/headless"
 PROXY_NAME = "service.kubernetes.io/service-proxy-name"
 PAGE_SIZE = 500
 CONNECT_TIMEOUT = 10.0
+UNREACHABLE_MAX_BACKOFF = 1.0
 
 
 def proxy_label_selector(service_proxy_name: str | None) -> str:
@@ -68,6 +74,13 @@ def api_client(kubeconfig: str | None) -> client.ApiClient:
     return client.ApiClient(cfg)
 
 
+def _unreachable(err: BaseException | None) -> bool:
+    """The API server could not be connected to at all (down, restarting, refused)."""
+    if isinstance(err, urllib3.exceptions.MaxRetryError):
+        err = err.reason
+    return isinstance(err, urllib3.exceptions.NewConnectionError | ConnectionRefusedError)
+
+
 def _retry_after(err: BaseException) -> float | None:
     if isinstance(err, ApiException) and err.headers:
         value = err.headers.get("Retry-After")
@@ -91,10 +104,12 @@ class Informer:
     watch_timeout: tuple[int, int] = (300, 600)  # server-side, seconds (as client-go)
     read_timeout_margin: float = 60.0
     max_backoff: float = 30.0
+    unreachable_max_backoff: float = UNREACHABLE_MAX_BACKOFF
     on_event: Callable[[], None] = lambda: None
     synced: threading.Event = field(default_factory=threading.Event)
     resource_version: str | None = None
     errors: int = 0
+    failures: int = 0  # consecutive failures since the last progress (list or event)
 
     def _selectors(self) -> dict[str, str]:
         out = {}
@@ -155,6 +170,7 @@ class Informer:
                 rv = (obj.get("metadata") or {}).get("resourceVersion")
                 if rv:
                     self.resource_version = rv
+                self.failures = 0
                 if kind in ("ADDED", "MODIFIED", "DELETED"):
                     self.handler.apply(kind, obj)
                     self.on_event()
@@ -176,6 +192,7 @@ class Informer:
             items, rv = self.list_all()
             self.handler.replace(items)
             self.resource_version = rv
+            self.failures = 0
             self.synced.set()
             self.on_event()
             log.info("listed", extra={"informer": self.name, "items": len(items),
@@ -187,7 +204,11 @@ class Informer:
         if isinstance(err, Gone):
             return 0.0
         hinted = _retry_after(err) if err else None
-        backoff = tenacity.wait_random_exponential(multiplier=0.8, max=self.max_backoff)(state)
+        # Exponential in the failures since the last progress, not in tenacity's attempt
+        # number, which counts every failure since the informer started.
+        cap = self.unreachable_max_backoff if _unreachable(err) else self.max_backoff
+        high = min(cap, 0.8 * 2 ** max(0, self.failures))
+        backoff = random.uniform(0, high)
         return max(hinted, backoff) if hinted is not None else backoff
 
     def _before_sleep(self, state: tenacity.RetryCallState) -> None:
@@ -197,6 +218,7 @@ class Informer:
             self.resource_version = None
             log.info("resourceVersion too old; relisting", extra={"informer": self.name})
             return
+        self.failures += 1
         log.warning("list/watch failed; backing off", extra={
             "informer": self.name, "error": f"{type(err).__name__}: {err}",
             "retry_in": round(state.upcoming_sleep, 2)})
