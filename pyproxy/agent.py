@@ -4,12 +4,18 @@ Everything here is assembly and run-time reconfiguration; the decisions live
 in the modules it wires. Configuration changes at run time are applied in
 place (kube-proxy exits and lets the kubelet restart it instead): periods,
 masqueradeAll and clusterCIDR take effect on the next sync; a change of mode
-to one this build cannot run is refused and the current dataplane keeps going.
+sets the new dataplane up completely (one full sync) before the old one's
+leftovers are removed, so new connections keep working through the switch and
+established ones keep their conntrack (or IPVS) entries.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
+import os
+import subprocess
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,8 +33,12 @@ from pyproxy.config import (
     load_config,
 )
 from pyproxy.iptables.plan import PlanContext
+from pyproxy.iptables.restore import IPTables
 from pyproxy.iptables.sync import IPTablesDataplane
-from pyproxy.model import InvalidObject, IPFamily, NodeInfo, parse_node
+from pyproxy.ipvs.netlink import IPVSKernel
+from pyproxy.ipvs.plan import DEFAULT_SCHEDULER, IPVSContext
+from pyproxy.ipvs.sync import IPVSDataplane
+from pyproxy.model import InvalidObject, IPFamily, IPNetwork, NodeInfo, parse_node
 from pyproxy.reconciler import Reconciler
 from pyproxy.sources import kube
 from pyproxy.tracker import ChangeTracker, report_invalid
@@ -36,6 +46,20 @@ from pyproxy.tracker import ChangeTracker, report_invalid
 log = logging.getLogger(__name__)
 
 CONFIG_KEY = "config.conf"
+
+
+Dataplane = IPTablesDataplane | IPVSDataplane
+
+
+def node_port_cidrs(config: ProxyConfig, node: NodeInfo) -> tuple[IPNetwork, ...]:
+    """nodePortAddresses as networks; "primary" means the node's own addresses."""
+    out: list[IPNetwork] = []
+    for item in config.node_port_addresses:
+        if item == "primary":
+            out.extend(ipaddress.ip_network(a) for a in node.addresses)
+        else:
+            out.append(ipaddress.ip_network(item, strict=False))
+    return tuple(out)
 
 
 def plan_context(config: ProxyConfig, node: NodeInfo,
@@ -47,14 +71,60 @@ def plan_context(config: ProxyConfig, node: NodeInfo,
         cluster_cidrs=tuple(c for c in config.cluster_cidrs if c.version == version),
         masquerade_all=config.iptables.masquerade_all,
         masquerade_bit=config.iptables.masquerade_bit,
+        localhost_node_ports=config.iptables.localhost_node_ports,
+        node_port_cidrs=node_port_cidrs(config, node),
     )
+
+
+def ipvs_context(config: ProxyConfig, node: NodeInfo, family: IPFamily = IPFamily.IPv4,
+                 previous: IPVSContext | None = None) -> IPVSContext:
+    version = 4 if family is IPFamily.IPv4 else 6
+    return IPVSContext(
+        node=node,
+        family=family,
+        cluster_cidrs=tuple(c for c in config.cluster_cidrs if c.version == version),
+        masquerade_all=config.iptables.masquerade_all,
+        masquerade_bit=config.iptables.masquerade_bit,
+        scheduler=config.ipvs.scheduler or DEFAULT_SCHEDULER,
+        # where NodePorts listen is read from the kernel at each full sync
+        node_port_addresses=previous.node_port_addresses if previous else (),
+    )
+
+
+def build_dataplane(config: ProxyConfig, node: NodeInfo, iptables: IPTables) -> Dataplane:
+    """The dataplane for ``config.mode``; the kernel is not touched until its first sync."""
+    if config.mode is ProxyMode.IPVS:
+        ipvs = config.ipvs
+        return IPVSDataplane(
+            iptables,
+            IPVSKernel(exclude_cidrs=ipvs.exclude_cidrs),
+            ipvs_context(config, node),
+            strict_arp=ipvs.strict_arp,
+            timeouts=(int(ipvs.tcp_timeout), int(ipvs.tcp_fin_timeout), int(ipvs.udp_timeout)),
+        )
+    return IPTablesDataplane(iptables, plan_context(config, node))
+
+
+def ipvs_available() -> bool:
+    """IPVS is in the kernel (loading ip_vs if it is a module, as kube-proxy does)."""
+    if not os.path.exists("/proc/net/ip_vs"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(["modprobe", "ip_vs"], capture_output=True, timeout=10, check=False)
+    return os.path.exists("/proc/net/ip_vs")
+
+
+def refresh_context(dataplane: Dataplane, config: ProxyConfig, node: NodeInfo) -> None:
+    if isinstance(dataplane, IPVSDataplane):
+        dataplane.set_context(ipvs_context(config, node, previous=dataplane.ctx))
+    else:
+        dataplane.set_context(plan_context(config, node))
 
 
 @dataclass
 class Agent:
     config: ProxyConfig
     node_name: str
-    dataplane: IPTablesDataplane
+    dataplane: Dataplane
     overrides: Mapping[str, object] = field(default_factory=dict)
     metrics: serve.Metrics = field(default_factory=serve.Metrics)
     node: NodeInfo = field(init=False)
@@ -139,7 +209,7 @@ class Agent:
             if node == self.node:
                 return
             self.node = node
-            self.dataplane.set_context(plan_context(self.config, node))
+            refresh_context(self.dataplane, self.config, node)
         log.info("node changed", extra={"node": node.name, "zone": node.zone,
                                         "addresses": ",".join(map(str, node.addresses))})
         self.reconciler.request_full_sync()
@@ -163,18 +233,51 @@ class Agent:
         changed = diff_reloadable(self.config, new)
         if not changed:
             return
-        if "mode" in changed and new.mode is not ProxyMode.IPTABLES:
-            log.error("mode change refused: this pyproxy build runs the iptables dataplane "
-                      "only; iptables keeps running", extra={"requested_mode": str(new.mode)})
+        if "mode" in changed and not self.switch_mode(new):
             self.metrics.config_rejected()
             return
         self.config = new
         with self.reconciler.lock:
-            self.dataplane.set_context(plan_context(new, self.node))
+            refresh_context(self.dataplane, new, self.node)
         self.reconciler.set_periods(new.min_sync_period, new.sync_period)
         self.health.set_sync_period(new.sync_period)
         log.info("configuration applied", extra={"changed": ",".join(sorted(changed))})
         self.reconciler.request_full_sync()
+
+    def switch_mode(self, new: ProxyConfig) -> bool:
+        """Move to ``new.mode``: program it fully, then remove the old mode's leftovers.
+
+        Both modes keep their iptables rules in the same PYPROXY- chains, so the new
+        dataplane's full sync (a diff against the kernel) already replaces the old
+        mode's rules in one transaction; what is left is IPVS's own state when
+        leaving IPVS mode. If the new mode cannot be programmed, the old one stays.
+        """
+        old = self.dataplane
+        if new.mode is ProxyMode.IPVS and not ipvs_available():
+            log.error(f"mode change refused: IPVS is not available in this kernel; "
+                      f"{self.config.mode} keeps running", extra={"requested_mode": "ipvs"})
+            return False
+        new_dp = build_dataplane(new, self.node, old.iptables)
+        with self.reconciler.lock:
+            try:
+                new_dp.sync(self.tracker.checkout_all(), full=True)
+            except Exception as err:  # noqa: BLE001 - any failure keeps the old mode
+                log.error(f"mode change failed; {self.config.mode} keeps running",
+                          extra={"requested_mode": str(new.mode), "error": str(err)})
+                if isinstance(new_dp, IPVSDataplane):
+                    with contextlib.suppress(Exception):
+                        new_dp.cleanup()
+                self.reconciler.request_full_sync()  # puts the running mode's rules back
+                return False
+            if isinstance(old, IPVSDataplane):
+                try:
+                    old.cleanup()
+                except Exception as err:  # noqa: BLE001 - leftovers are logged, not fatal
+                    log.error("could not remove IPVS leftovers", extra={"error": str(err)})
+            self.dataplane = new_dp
+            self.reconciler.dataplane = new_dp
+        log.info("mode switched", extra={"mode": str(new.mode)})
+        return True
 
     def watch_config_file(self, path: str, interval: float = 2.0) -> threading.Thread:
         """Poll the mounted file: ConfigMap volumes change by atomic symlink swaps."""

@@ -13,7 +13,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import Any
 
@@ -21,12 +21,22 @@ import click
 import tenacity
 
 from pyproxy import logs
-from pyproxy.agent import CONFIG_KEY, Agent, plan_context
+from pyproxy.agent import (
+    CONFIG_KEY,
+    Agent,
+    build_dataplane,
+    ipvs_available,
+    ipvs_context,
+    plan_context,
+)
 from pyproxy.config import ConfigError, ProxyConfig, ProxyMode, load_config, load_config_file
 from pyproxy.iptables.plan import PlanContext, Planner
 from pyproxy.iptables.restore import Backend, IPTables, IPTablesError, detect_backend
 from pyproxy.iptables.ruleset import Ruleset, render
 from pyproxy.iptables.sync import IPTablesDataplane
+from pyproxy.ipvs.netlink import IPVSKernel
+from pyproxy.ipvs.plan import DUMMY_INTERFACE, describe
+from pyproxy.ipvs.plan import plan as ipvs_plan
 from pyproxy.model import InvalidObject, IPFamily, NodeInfo, parse_node
 from pyproxy.sources import files, kube
 from pyproxy.tracker import ChangeTracker, report_invalid
@@ -95,9 +105,6 @@ def _settings(config_file: str | None, mode: str | None, manifests: str | None,
         raise click.UsageError(f"invalid configuration: {err}") from err
     for warning in warnings:
         log.warning("configuration warning", extra={"detail": warning})
-    if config.mode is ProxyMode.IPVS:
-        raise click.UsageError(
-            "mode ipvs is not available yet in this pyproxy version; use --mode iptables")
     node_name = (config.hostname_override or os.environ.get("NODE_NAME")
                  or socket.gethostname()).strip().lower()
     return Settings(config, overrides, node_name, manifests, backend)
@@ -173,13 +180,15 @@ def run(iptables_backend: str, kubeconfig: str | None, config_configmap: str | N
         if config_configmap:
             kw["config_text"] = _read_config_map(api, config_configmap)
     settings = _settings(backend=iptables_backend, service_proxy_name=service_proxy_name, **kw)
+    if settings.config.mode is ProxyMode.IPVS and not ipvs_available():
+        raise click.UsageError("mode ipvs: IPVS is not available in this kernel "
+                               "(no /proc/net/ip_vs, even after modprobe ip_vs)")
     manifests = None
     node = NodeInfo(settings.node_name)
     if settings.manifests:
         manifests = files.load(settings.manifests)
         node = _node_info(settings, manifests)
-    dataplane = IPTablesDataplane(_iptables(settings.backend),
-                                  plan_context(settings.config, node))
+    dataplane = build_dataplane(settings.config, node, _iptables(settings.backend))
     agent = Agent(settings.config, settings.node_name, dataplane, overrides=settings.overrides)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop.set())
@@ -225,7 +234,7 @@ def _sync_once(agent: Agent, informers: list[kube.Informer]) -> None:
         sys.exit(1)
     finally:
         agent.stop.set()
-    log.info("synced", extra={"services": len(result.plan.chains_by_service),
+    log.info("synced", extra={"service_ports": len(agent.tracker.snapshot.services),
                               "lines_written": result.lines_written})
 
 
@@ -247,14 +256,24 @@ def _watch_manifests(agent: Agent, settings: Settings) -> None:
 @main.command()
 @_common
 def plan(**kw: Any) -> None:
-    """Print the iptables-restore payload a full sync would apply; touch nothing."""
+    """Print what a full sync would program (iptables rules; in IPVS mode also virtual
+    servers, addresses and ipsets); touch nothing."""
     settings = _settings(**kw)
     if not settings.manifests:
         raise click.UsageError("--manifests DIR is required")
     tracker = ChangeTracker(settings.node_name, IPFamily.IPv4)
     manifests = _load(settings, tracker)
     snapshot = tracker.checkout()
-    planned = Planner(plan_context(settings.config, _node_info(settings, manifests))).plan(
+    node = _node_info(settings, manifests)
+    if settings.config.mode is ProxyMode.IPVS:
+        # NodePorts listen on the node's addresses, as the Node object gives them here.
+        ctx = replace(ipvs_context(settings.config, node), node_port_addresses=node.addresses)
+        planned_ipvs = ipvs_plan(snapshot.services, snapshot.endpoints, ctx)
+        click.echo(describe(planned_ipvs), nl=False)
+        click.echo("# iptables rules (iptables-restore --noflush format)")
+        click.echo(render(planned_ipvs.ruleset, Ruleset(), only=None).text, nl=False)
+        return
+    planned = Planner(plan_context(settings.config, node)).plan(
         snapshot.services, snapshot.endpoints)
     click.echo(render(planned.ruleset, Ruleset(), only=None).text, nl=False)
 
@@ -268,14 +287,30 @@ def cleanup(verbose: bool) -> None:
     for backend in Backend:
         ipt = IPTables(backend)
         try:
+            ipt.save()
+        except (FileNotFoundError, IPTablesError) as err:
+            # Not installed, or unusable in this kernel: nothing of ours can be there.
+            log.info("iptables backend unavailable", extra={"backend": str(backend),
+                                                            "reason": str(err)})
+            continue
+        try:
             lines = IPTablesDataplane(ipt, PlanContext(NodeInfo(""))).cleanup()
-        except FileNotFoundError:
-            continue  # this backend's tools are not installed
         except IPTablesError as err:
             log.error("cleanup failed", extra={"backend": str(backend), "error": str(err)})
             failed = True
             continue
         log.info("cleaned up", extra={"backend": str(backend), "lines": lines})
+    # IPVS state goes after the iptables rules that match on its ipsets.
+    if os.path.exists("/proc/net/ip_vs") or os.path.exists(f"/sys/class/net/{DUMMY_INTERFACE}"):
+        try:
+            with IPVSKernel() as kernel:
+                # NodePort virtual servers sit on the node's own addresses: ours too.
+                kernel.set_node_port_addresses(kernel.local_addresses())
+                kernel.cleanup()
+            log.info("cleaned up", extra={"dataplane": "ipvs"})
+        except Exception as err:  # noqa: BLE001 - reported, and the exit code says so
+            log.error("IPVS cleanup failed", extra={"error": str(err)})
+            failed = True
     if failed:
         sys.exit(1)
 

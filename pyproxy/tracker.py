@@ -149,6 +149,12 @@ class ChangeTracker:
 
     # -- draining ----------------------------------------------------------
 
+    def checkout_all(self) -> Snapshot:
+        """A checkout for a full sync of a new dataplane: every port counts as changed."""
+        snap = self.checkout()
+        return Snapshot(snap.services, snap.endpoints, frozenset(self._ports),
+                        frozenset(snap.services))
+
     @property
     def snapshot(self) -> Snapshot:
         """What the last checkout handed out (without taking pending changes)."""

@@ -33,7 +33,7 @@ import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pyproxy.iptables.ruleset import Jump, Ruleset, Table
+from pyproxy.iptables.ruleset import Jump, Ruleset, Table, quote
 from pyproxy.model import (
     Endpoint,
     IPAddress,
@@ -128,10 +128,6 @@ def chain_name(kind: str, name: ServicePortName, endpoint: str = "") -> str:
     return f"PYPROXY-{kind}-{_hash(str(name), name.protocol.lower(), endpoint)}"
 
 
-def _quote(comment: str) -> str:
-    # iptables-save always double-quotes comments; writing them the same way
-    # lets a sync compare its plan with what the kernel holds as plain text.
-    return f'"{comment}"'
 
 
 def _cidr(addr: IPAddress | IPNetwork) -> str:
@@ -149,7 +145,7 @@ def probability(n: int) -> str:
 
 def _match(proto: str, dst: IPAddress | None, dport: int, comment: str) -> str:
     dest = f"-d {_cidr(dst)} " if dst is not None else ""
-    return f"{dest}-p {proto} -m comment --comment {_quote(comment)} -m {proto} --dport {dport}"
+    return f"{dest}-p {proto} -m comment --comment {quote(comment)} -m {proto} --dport {dport}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +305,7 @@ def service_rules(  # noqa: C901 - one flat walk, in upstream's order, reads bes
                              + f" -j {ext_chain}"))
         if not has_external:
             dispatch.append((flt, EXTERNAL_SERVICES,
-                             f"-p {proto} -m comment --comment {_quote(ext_comment)} "
+                             f"-p {proto} -m comment --comment {quote(ext_comment)} "
                              f"-m addrtype --dst-type LOCAL -m {proto} --dport {svc.node_port}"
                              f" -j {ext_target}"))
     if svc.health_check_node_port:
@@ -346,7 +342,7 @@ def service_rules(  # noqa: C901 - one flat walk, in upstream's order, reads bes
 
     if uses_fw_chain:
         rules = chains.setdefault(fw_chain, [])
-        comment = f"-m comment --comment {_quote(f'{name} loadbalancer IP')}"
+        comment = f"-m comment --comment {quote(f'{name} loadbalancer IP')}"
         allow_from_node = False
         for cidr in svc.load_balancer_source_ranges:
             rules.append(f"-s {_cidr(cidr)} {comment} -j {ext_chain}")
@@ -367,10 +363,10 @@ def service_rules(  # noqa: C901 - one flat walk, in upstream's order, reads bes
         sep = chain_name("SEP", svc.name, ep.address)
         src = f"{ep.ip}/{ep.ip.max_prefixlen}"
         rules = chains.setdefault(sep, [])
-        rules.append(f"-s {src} -m comment --comment {_quote(name)} -j {MARK_MASQ}")
+        rules.append(f"-s {src} -m comment --comment {quote(name)} -j {MARK_MASQ}")
         recent = (f" -m recent --set --name {sep} --mask {_full_mask(ep.ip)} --rsource"
                   if svc.affinity_timeout else "")
-        rules.append(f"-p {proto} -m comment --comment {_quote(name)}{recent} -m {proto}"
+        rules.append(f"-p {proto} -m comment --comment {quote(name)}{recent} -m {proto}"
                      f" -j DNAT --to-destination {ep.address}")
 
     no_local = (svc.internal_policy_local or svc.external_policy_local) and not sets.local
@@ -399,13 +395,13 @@ def _to_endpoints(svc: ServicePort, endpoints: Sequence[Endpoint]) -> list[str]:
     if svc.affinity_timeout:
         for ep, sep in seps:
             rules.append(
-                f"-m comment --comment {_quote(f'{name} -> {ep.address}')} -m recent --rcheck"
+                f"-m comment --comment {quote(f'{name} -> {ep.address}')} -m recent --rcheck"
                 f" --seconds {svc.affinity_timeout} --reap --name {sep}"
                 f" --mask {_full_mask(ep.ip)} --rsource -j {sep}"
             )
     n = len(seps)
     for i, (ep, sep) in enumerate(seps):
-        comment = f"-m comment --comment {_quote(f'{name} -> {ep.address}')}"
+        comment = f"-m comment --comment {quote(f'{name} -> {ep.address}')}"
         if i < n - 1:
             rules.append(f"{comment} -m statistic --mode random --probability "
                          f"{probability(n - i)} -j {sep}")
@@ -636,6 +632,6 @@ def jump_rules() -> tuple[Jump, ...]:
     out = []
     for table, chain, match, comment, target in JUMPS:
         prefix = f"{match} " if match else ""
-        rule = f"{prefix}-m comment --comment {_quote(comment)} -j {target}"
+        rule = f"{prefix}-m comment --comment {quote(comment)} -j {target}"
         out.append(Jump(table, chain, rule))
     return tuple(out)

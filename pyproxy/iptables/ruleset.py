@@ -28,6 +28,22 @@ BUILTIN_CHAINS: Mapping[Table, tuple[str, ...]] = {
 }
 
 
+_BARE = frozenset("_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def quote(value: str) -> str:
+    """A string argument as iptables-save prints it (xtables_save_string).
+
+    Bare when it is only letters, digits, '_' and '-'; otherwise in double
+    quotes with '"', '\\' and "'" escaped. Writing rules this way is what lets a
+    sync compare its plan with the kernel's rules as plain text.
+    """
+    if value and all(c in _BARE for c in value):
+        return value
+    escaped = "".join("\\" + c if c in "\"\\'" else c for c in value)
+    return f'"{escaped}"'
+
+
 def is_owned_chain(name: str) -> bool:
     return name.startswith(PREFIX)
 
