@@ -1,0 +1,1141 @@
+#!/usr/bin/env python3
+"""pyproxy's benchmark: large synthetic clusters programmed into real kernels, against the floor.
+
+Why it is built this way (see ../shared/TESTING.md, "Benchmarks are not tests"):
+
+- The machines are shared and noisy, so absolute times mean little on their
+  own. Every pyproxy figure is printed next to the *floor* measured in the same
+  run: the bare ``iptables-<backend>-restore --noflush`` of exactly the payload
+  pyproxy wrote (captured from its own restore calls), replayed in an equally
+  fresh namespace, in the same order, so the table state each restore meets is
+  the same. The ratio pyproxy/floor is what the targets of issue 5 are about.
+- All kernel work happens in network namespaces created here and deleted
+  afterwards. The bench re-executes itself as a *worker* inside each namespace
+  (``ip netns exec NS python bench.py --worker KIND``, parameters as JSON on
+  stdin, result as JSON on stdout), so pyproxy's own code spawns its
+  iptables programs exactly as it does on a node.
+- One fresh worker process per measurement group, so the peak RSS of one size
+  is not inherited by the next and nothing is cached between groups.
+- Targets are printed as PASS/MISS; a miss never fails the script.
+
+The sections run in the order of SECTIONS; each returns table rows tagged with
+the table (dataplane) they belong to, so another dataplane's section (IPVS,
+under the User-mode Linux kernel) can be appended without touching the others.
+
+Run as root::
+
+    .venv/bin/python scripts/bench.py --quick
+    .venv/bin/python scripts/bench.py --backend nft --sizes 1000,5000,10000 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import ipaddress
+import itertools
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve()
+
+JSON = dict[str, Any]
+
+# -- the synthetic cluster's addresses (all inside 198.18.0.0/15, TESTING.md) ----------------
+
+NODE_NAME = "bench-node"
+NODES = 20  # endpoints are spread over 20 nodes; node 0 is this one, so 1 in 20 is local
+NODE_IP = "198.19.255.1"
+POD_CIDR = "198.18.0.0/16"
+_PODS = int(ipaddress.IPv4Address("198.18.0.0"))
+POD_SLOTS = 60_000  # pod addresses 198.18.0.1 ...; replacements come from above them
+ALT_SLOTS = 65_534 - POD_SLOTS
+_CLUSTER_IPS = int(ipaddress.IPv4Address("198.19.0.0"))  # /18: 16,383 services
+_EXTERNAL_IPS = int(ipaddress.IPv4Address("198.19.64.0"))
+_LB_IPS = int(ipaddress.IPv4Address("198.19.128.0"))
+MAX_SERVICES = 16_383
+# The second range holds the node's address: kube-proxy's "allow from node" path.
+SOURCE_RANGES = ("198.19.192.0/24", "198.19.255.0/24")
+NODE_PORT_BASE, NODE_PORTS = 30000, 2000
+HEALTH_CHECK_BASE, HEALTH_CHECKS = 32000, 700
+SLICE_SIZE = 100  # the EndpointSlice controller's default maximum
+SEQ_ANNOTATION = "bench.pyproxy.io/seq"
+
+# One in every 100 services, by i % 100: mostly ClusterIP, then the rest of the semantics.
+_KINDS: tuple[tuple[range, str], ...] = (
+    (range(0, 70), "clusterip"),
+    (range(70, 75), "two-ports"),
+    (range(75, 80), "udp"),
+    (range(80, 90), "nodeport"),
+    (range(90, 93), "affinity"),
+    (range(93, 94), "nodeport-local"),
+    (range(94, 95), "nodeport-local-none"),  # eTP Local with no local endpoint: DROP rules
+    (range(95, 97), "external-ip"),
+    (range(97, 98), "lb-ranges"),
+    (range(98, 99), "lb-local"),
+    (range(99, 100), "lb"),
+)
+_NODE_PORT_KINDS = ("nodeport", "nodeport-local", "nodeport-local-none", "lb-ranges",
+                    "lb-local", "lb")
+_NODE_PORT_RANKS = {r: n for n, r in enumerate(
+    r for rng, kind in _KINDS if kind in _NODE_PORT_KINDS for r in rng)}
+
+
+def kind_of(i: int) -> str:
+    """Which kind of Service number ``i`` is (the mix repeats every 100 services)."""
+    r = i % 100
+    for rng, kind in _KINDS:
+        if r in rng:
+            return kind
+    raise AssertionError(r)
+
+
+def _ip(base: int, offset: int) -> str:
+    return str(ipaddress.IPv4Address(base + offset))
+
+
+def pod_ip(slot: int) -> str:
+    return _ip(_PODS, 1 + slot % POD_SLOTS)
+
+
+def alt_ip(variant: int) -> str:
+    """A replacement endpoint address, never one of the original pods'."""
+    return _ip(_PODS, 1 + POD_SLOTS + variant % ALT_SLOTS)
+
+
+def service_key(i: int) -> tuple[str, str]:
+    return f"ns-{i // 50:03d}", f"svc-{i:05d}"
+
+
+def service_object(i: int) -> JSON:
+    """Service number ``i`` as the API serves it (defaults filled in, as the server does)."""
+    if not 0 <= i < MAX_SERVICES:
+        raise ValueError(f"service index {i} out of range (at most {MAX_SERVICES})")
+    ns, name = service_key(i)
+    kind = kind_of(i)
+    block = i // 100
+    ports: list[JSON] = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
+    if kind == "two-ports":
+        ports.append({"name": "https", "port": 443, "targetPort": 8443, "protocol": "TCP"})
+    elif kind == "udp":
+        ports = [{"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}]
+    spec: JSON = {"type": "ClusterIP", "clusterIP": _ip(_CLUSTER_IPS, 1 + i),
+                  "clusterIPs": [_ip(_CLUSTER_IPS, 1 + i)], "ipFamilies": ["IPv4"],
+                  "sessionAffinity": "None", "internalTrafficPolicy": "Cluster"}
+    obj: JSON = {"apiVersion": "v1", "kind": "Service",
+                 "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+                 "spec": spec, "status": {"loadBalancer": {}}}
+    if kind in _NODE_PORT_KINDS:
+        spec["type"] = "LoadBalancer" if kind.startswith("lb") else "NodePort"
+        spec["externalTrafficPolicy"] = "Local" if "local" in kind else "Cluster"
+        rank = _NODE_PORT_RANKS[i % 100]
+        ports[0]["nodePort"] = NODE_PORT_BASE + (block * len(_NODE_PORT_RANKS) + rank) % NODE_PORTS
+    if kind.startswith("lb"):
+        spec["allocateLoadBalancerNodePorts"] = True
+        obj["status"] = {"loadBalancer": {"ingress": [{"ip": _ip(_LB_IPS, 1 + i),
+                                                       "ipMode": "VIP"}]}}
+    if kind == "lb-ranges":
+        spec["loadBalancerSourceRanges"] = [SOURCE_RANGES[0]]
+    if kind == "lb-local":
+        spec["loadBalancerSourceRanges"] = list(SOURCE_RANGES)
+        spec["healthCheckNodePort"] = HEALTH_CHECK_BASE + block % HEALTH_CHECKS
+    if kind == "affinity":
+        spec["sessionAffinity"] = "ClientIP"
+        spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 10800}}
+    if kind == "external-ip":
+        spec["externalIPs"] = [_ip(_EXTERNAL_IPS, 1 + i)]
+    spec["ports"] = ports
+    return obj
+
+
+def _endpoint(i: int, j: int, n: int, address: str) -> JSON:
+    kind = kind_of(i)
+    node = (i + j) % NODES
+    if kind in ("nodeport-local", "lb-local") and j == 0:
+        node = 0
+    elif kind == "nodeport-local-none":
+        node = 1 + (i + j) % (NODES - 1)
+    conditions: JSON = {"ready": True, "serving": True, "terminating": False}
+    if j == n - 1 and n > 1 and i % 10 == 3:  # a pod still starting
+        conditions = {"ready": False, "serving": False, "terminating": False}
+    elif j == n - 1 and n > 1 and i % 10 == 7:  # a pod shutting down
+        conditions = {"ready": False, "serving": True, "terminating": True}
+    node_name = NODE_NAME if node == 0 else f"node-{node:02d}"
+    return {"addresses": [address], "conditions": conditions, "nodeName": node_name,
+            "zone": f"zone-{node % 3}",
+            "targetRef": {"kind": "Pod", "namespace": service_key(i)[0],
+                          "name": f"{service_key(i)[1]}-{j}"}}
+
+
+def slice_objects(i: int, endpoints: int, *, changes: Mapping[int, int] | None = None,
+                  seq: int | None = None, only: int | None = None) -> list[JSON]:
+    """Service ``i``'s EndpointSlices (100 endpoints each), as the controller writes them.
+
+    ``changes`` maps endpoint ``j`` to a replacement address variant: a pod
+    replaced by another, which is what "one endpoint changed" means here.
+    ``seq`` is stamped into an annotation so a watcher can tell which write it
+    got; ``only`` generates just that slice (the one a change touches).
+    """
+    ns, name = service_key(i)
+    kind = kind_of(i)
+    changes = changes or {}
+    ports: list[JSON] = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    if kind == "two-ports":
+        ports.append({"name": "https", "port": 8443, "protocol": "TCP"})
+    elif kind == "udp":
+        ports = [{"name": "dns", "port": 5353, "protocol": "UDP"}]
+    out: list[JSON] = []
+    for s, start in enumerate(range(0, max(endpoints, 1), SLICE_SIZE)):
+        if only is not None and s != only:
+            continue
+        eps = []
+        for j in range(start, min(start + SLICE_SIZE, endpoints)):
+            address = alt_ip(changes[j]) if j in changes else pod_ip(i * endpoints + j)
+            eps.append(_endpoint(i, j, endpoints, address))
+        meta: JSON = {"name": f"{name}-{s:03d}", "namespace": ns,
+                      "labels": {"kubernetes.io/service-name": name,
+                                 "endpointslice.kubernetes.io/managed-by":
+                                     "endpointslice-controller.k8s.io"}}
+        if seq is not None:
+            meta["annotations"] = {SEQ_ANNOTATION: str(seq)}
+        out.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": meta, "addressType": "IPv4", "endpoints": eps,
+                    "ports": ports})
+    return out
+
+
+def node_object() -> JSON:
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": NODE_NAME, "labels": {"topology.kubernetes.io/zone": "zone-0",
+                                                       "kubernetes.io/hostname": NODE_NAME}},
+            "spec": {"podCIDR": "198.18.0.0/24", "podCIDRs": ["198.18.0.0/24"]},
+            "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP},
+                                     {"type": "Hostname", "address": NODE_NAME}]}}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A synthetic cluster: ``services`` Services × ``endpoints`` endpoints each."""
+
+    services: int
+    endpoints: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.services:,} svc × {self.endpoints:,} ep"
+
+    def services_objects(self) -> Iterator[JSON]:
+        return (service_object(i) for i in range(self.services))
+
+    def slice_objects(self) -> Iterator[JSON]:
+        return (sl for i in range(self.services) for sl in slice_objects(i, self.endpoints))
+
+    def one_endpoint_targets(self, k: int) -> list[int]:
+        """``k`` plain TCP ClusterIP services spread over the cluster (i % 100 == 5)."""
+        if self.services < 100:
+            return [0] * k
+        step = self.services // k
+        return [(n * step) // 100 * 100 + 5 for n in range(k)]
+
+    def many_targets(self, k: int, seed: int = 100) -> list[int]:
+        """``k`` distinct services picked at random: every kind of the mix."""
+        return sorted(random.Random(seed).sample(range(self.services), min(k, self.services)))
+
+
+@dataclass
+class Edits:
+    """Endpoint replacements so far, per service: each edit changes exactly one endpoint."""
+
+    shape: Shape
+    by_service: dict[int, dict[int, int]] = field(default_factory=dict)
+    _variants: Iterator[int] = field(default_factory=itertools.count)
+
+    def change(self, i: int, j: int, seq: int | None = None) -> JSON:
+        """Replace endpoint ``j`` of service ``i``; return the one slice that changed."""
+        changes = self.by_service.setdefault(i, {})
+        changes[j] = next(self._variants)
+        return slice_objects(i, self.shape.endpoints, changes=changes, seq=seq,
+                             only=j // SLICE_SIZE)[0]
+
+
+# -- results: rows, formatting, targets (pure) -----------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of a printed table; ``table`` says which table (dataplane) it goes to."""
+
+    table: str
+    group: str
+    what: str
+    value: str
+    floor: str = ""
+    ratio: str = ""
+    target: str = ""
+    result: str = ""
+
+
+def fmt_s(seconds: float | None) -> str:
+    """Durations in the unit that keeps three significant digits readable."""
+    if seconds is None:
+        return "–"
+    if seconds < 0.001:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds:.2f} s"
+
+
+def fmt_ratio(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{ratio:.2f}×"
+
+
+def ratio_of(value: float | None, floor: float | None) -> float | None:
+    if value is None or floor is None or floor <= 0:
+        return None
+    return value / floor
+
+
+def verdict(value: float | None, limit: float) -> str:
+    """PASS/MISS against an upper bound; a missing measurement is neither."""
+    if value is None:
+        return "n/a"
+    return "PASS" if value <= limit else "MISS"
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0-100), nearest-rank, as latency SLOs are usually read."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil
+    return ordered[int(rank) - 1]
+
+
+def median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+_HEADER = ("size", "measurement", "pyproxy", "floor (bare tool)", "ratio", "target", "result")
+
+
+def format_tables(rows: Sequence[Row]) -> str:
+    """One markdown table per ``Row.table``, in the order tables first appear."""
+    tables: dict[str, list[Row]] = {}
+    for row in rows:
+        tables.setdefault(row.table, []).append(row)
+    out: list[str] = []
+    for name, body in tables.items():
+        out.append(f"### {name}")
+        out.append("")
+        out.append("| " + " | ".join(_HEADER) + " |")
+        out.append("| " + " | ".join("---" for _ in _HEADER) + " |")
+        for r in body:
+            cells = (r.group, r.what, r.value, r.floor, r.ratio, r.target, r.result)
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+# -- kernel helpers, used by workers (inside a namespace) ------------------------------------
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class Call:
+    argv: list[str]
+    seconds: float
+    returncode: int
+    lines: int
+
+
+class RecordingRunner:
+    """pyproxy's own iptables runner (restore._run), timing each program it spawns.
+
+    Restore payloads are written to ``outdir`` so the floor can replay them
+    byte for byte; the time spent writing them is counted in ``overhead`` and
+    subtracted from pyproxy's figures, and the text is not kept in memory, so
+    peak RSS stays pyproxy's own.
+    """
+
+    def __init__(self, outdir: Path) -> None:
+        self.outdir = outdir
+        self.calls: list[Call] = []
+        self.files: list[str] = []
+        self.overhead = 0.0
+        self.label = "payload"
+        self._n = itertools.count()
+
+    def __call__(self, argv: Sequence[str], stdin: str | None = None,
+                 timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        t0 = time.perf_counter()
+        proc = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+        t1 = time.perf_counter()
+        lines = stdin.count("\n") if stdin else 0
+        self.calls.append(Call(list(argv), t1 - t0, proc.returncode, lines))
+        if stdin is not None and "restore" in argv[0]:
+            path = self.outdir / f"{self.label}-{next(self._n):03d}.txt"
+            path.write_text(stdin)
+            self.files.append(str(path))
+        self.overhead += time.perf_counter() - t1
+        return proc
+
+    def mark(self, label: str) -> tuple[int, int, float]:
+        """Start a step: later calls and files belong to ``label``."""
+        self.label = label
+        return len(self.calls), len(self.files), self.overhead
+
+    def since(self, mark: tuple[int, int, float]) -> JSON:
+        calls = self.calls[mark[0]:]
+        return {
+            "restore_s": sum(c.seconds for c in calls if "restore" in c.argv[0]),
+            "save_s": sum(c.seconds for c in calls if "save" in c.argv[0]),
+            "restores": sum(1 for c in calls if "restore" in c.argv[0]),
+            "files": self.files[mark[1]:],
+            "overhead_s": self.overhead - mark[2],
+        }
+
+
+class GCTimer:
+    """Time spent in Python's cyclic garbage collector (a pause that grows with the heap)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.full_collections = 0
+        self._started = 0.0
+        gc.callbacks.append(self)
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+            self.full_collections += info.get("generation") == 2
+
+
+def _tool(backend: str, verb: str) -> str:
+    return f"iptables-{backend}-{verb}"
+
+
+def _restore_argv(backend: str) -> list[str]:
+    # Exactly what pyproxy.iptables.restore.IPTables.restore runs.
+    return [_tool(backend, "restore"), "--noflush", "--wait=5"]
+
+
+def _timed(argv: Sequence[str], stdin: str | None = None,
+           timeout: float | None = None) -> tuple[float, subprocess.CompletedProcess[str]]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    return time.perf_counter() - t0, proc
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- workers (each runs inside its own fresh namespace) --------------------------------------
+
+
+def worker_scale(p: JSON) -> JSON:
+    """pyproxy's real path on one synthetic cluster: model, full sync, changes, resync."""
+    from pyproxy.iptables.plan import PlanContext
+    from pyproxy.iptables.restore import Backend, IPTables
+    from pyproxy.iptables.ruleset import Ruleset, Table, render
+    from pyproxy.iptables.sync import IPTablesDataplane
+    from pyproxy.model import parse_node
+    from pyproxy.tracker import ChangeTracker
+
+    shape = Shape(p["services"], p["endpoints"])
+    backend = str(p["backend"])
+    outdir = Path(p["outdir"])
+    runner = RecordingRunner(outdir)
+    gc_timer = GCTimer()
+    res: JSON = {"rss_baseline_mb": peak_rss_mb()}
+
+    # Model: API dicts -> tracker -> snapshot (the dicts are generated lazily, as a list
+    # streams in, so the peak RSS below is pyproxy's state, not the generator's).
+    t0 = time.perf_counter()
+    tracker = ChangeTracker(NODE_NAME)
+    tracker.replace(shape.services_objects(), shape.slice_objects())
+    snapshot = tracker.checkout()
+    res["model_build_s"] = time.perf_counter() - t0
+    res["service_ports"] = len(snapshot.services)
+
+    ctx = PlanContext(node=parse_node(node_object()),
+                      cluster_cidrs=(ipaddress.ip_network(POD_CIDR),))
+    dataplane = IPTablesDataplane(IPTables(Backend(backend), runner=runner), ctx)
+
+    def step(label: str, full: bool, objs: Sequence[JSON] = ()) -> JSON:
+        """One sync, timed from the tracker taking the changed objects to rules applied."""
+        mark = runner.mark(label)
+        gc0 = gc_timer.seconds
+        t0 = time.perf_counter()
+        for obj in objs:
+            tracker.set_slice(obj)
+        snap = tracker.checkout()
+        t1 = time.perf_counter()
+        result = dataplane.sync(snap, full=full)
+        t2 = time.perf_counter()
+        rec = runner.since(mark)
+        overhead = rec.pop("overhead_s")
+        out: JSON = {
+            "tracker_s": t1 - t0,
+            "sync_s": t2 - t1 - overhead,
+            "total_s": t2 - t0 - overhead,
+            "plan_s": result.plan_seconds,
+            "apply_s": result.apply_seconds - overhead,
+            "lines": result.lines_written,
+            "transactions": result.transactions,
+            "changed_ports": len(snap.changed_ports),
+            "gc_s": gc_timer.seconds - gc0,
+            "rss_peak_mb": peak_rss_mb(),  # the high-water mark so far
+            **rec,
+        }
+        out["other_s"] = out["sync_s"] - out["plan_s"] - out["apply_s"]  # conntrack cleanup
+        out["python_s"] = out["total_s"] - out["restore_s"] - out["save_s"]
+        return out
+
+    _log(f"{backend} {shape.label}: full sync")
+    res["full"] = step("full", True)
+    counts = dataplane.rule_counts()
+    res["nat_rules"], res["filter_rules"] = counts[Table.NAT], counts[Table.FILTER]
+    assert dataplane.applied is not None
+    res["nat_chains"] = len(dataplane.applied.table(Table.NAT))
+
+    edits = Edits(shape)
+    res["one_endpoint"] = []
+    _log(f"{backend} {shape.label}: one endpoint changed, {p['changes']} times")
+    for k, i in enumerate(shape.one_endpoint_targets(int(p["changes"]))):
+        obj = edits.change(i, k % shape.endpoints)
+        res["one_endpoint"].append(step(f"one-{k}", False, [obj]))
+
+    if p.get("many"):
+        targets = shape.many_targets(int(p["many"]))
+        objs = [edits.change(i, 0) for i in targets]
+        _log(f"{backend} {shape.label}: {len(targets)} services changed")
+        res["many"] = step("many", False, objs)
+        res["many"]["services"] = len(targets)
+
+    _log(f"{backend} {shape.label}: periodic full resync, nothing changed")
+    res["resync"] = step("resync", True)
+    res["rss_peak_mb"] = peak_rss_mb()
+
+    # For nf_tables, the payload as one transaction (kube-proxy's way), for context only.
+    if backend == "nft":
+        single = outdir / "single.txt"
+        assert dataplane.applied is not None
+        single.write_text(render(dataplane.applied, Ruleset()).text)
+        res["single_file"] = str(single)
+    return res
+
+
+def worker_floor(p: JSON) -> JSON:
+    """Replay payloads with the bare restore tool, in order, timing each; then time saves."""
+    backend = str(p["backend"])
+    argv = _restore_argv(backend)
+    timeout = p.get("timeout")
+    out: JSON = {"groups": {}}
+    for group in p["groups"]:
+        times: list[float] = []
+        for path in group["files"]:
+            text = Path(path).read_text()
+            try:
+                seconds, proc = _timed(argv, text, timeout)
+            except subprocess.TimeoutExpired:
+                out["groups"][group["name"]] = None
+                out.setdefault("timed_out", []).append(group["name"])
+                break
+            if proc.returncode != 0:
+                raise RuntimeError(f"floor restore of {path} failed: {proc.stderr.strip()}")
+            times.append(seconds)
+        else:
+            out["groups"][group["name"]] = times
+    if p.get("saves"):
+        nat = [_timed([_tool(backend, "save"), "-t", "nat"])[0] for _ in range(3)]
+        both = []
+        for _ in range(3):
+            both.append(sum(_timed([_tool(backend, "save"), "-t", t])[0]
+                            for t in ("filter", "nat")))
+        out["save_nat_s"] = median(nat)
+        out["save_both_s"] = median(both)
+        out["save_all_s"] = median([_timed([_tool(backend, "save")])[0] for _ in range(3)])
+    return out
+
+
+class _LatencyObserver:
+    """A SyncObserver recording each successful sync's start and end."""
+
+    def __init__(self) -> None:
+        self.syncs: list[tuple[float, float, bool, int]] = []  # started, finished, full, lines
+        self.first_ports = 0  # service ports the first sync programmed
+        self.cond = threading.Condition()
+
+    def change_queued(self, at: float) -> None:
+        return None
+
+    def sync_failed(self, error: BaseException, *, full: bool) -> None:
+        _log(f"sync failed (full={full}): {error}")
+
+    def sync_succeeded(self, result: Any, *, full: bool, started: float, finished: float,
+                       change_times: list[float]) -> None:
+        with self.cond:
+            if not self.syncs:
+                self.first_ports = len(result.plan.chains_by_service)
+            self.syncs.append((started, finished, full, int(result.lines_written)))
+            self.cond.notify_all()
+
+
+def first_sync_after(syncs: Sequence[tuple[float, float, bool, int]],
+                     received: float) -> tuple[float, float, bool, int] | None:
+    """The sync that programmed a change the tracker took at ``received``.
+
+    The informer feeds the tracker under the reconciler's lock and a sync takes
+    its start time and snapshot under the same lock, so a change is in the
+    first sync that started after it was received.
+    """
+    for sync in syncs:
+        if sync[0] >= received:
+            return sync
+    return None
+
+
+def waited_on_full(syncs: Sequence[tuple[float, float, bool, int]], wrote: float,
+                   applied_by: tuple[float, float, bool, int]) -> bool:
+    """Whether a full sync ran between a change's write and the sync that applied it."""
+    return any(s[2] and s[1] > wrote and s[0] <= applied_by[0] for s in syncs)
+
+
+def worker_latency(p: JSON) -> JSON:
+    """The tests' API server and pyproxy's Agent in this process; timed changes through the API."""
+    sys.path.insert(0, str(ROOT))
+    from pyproxy.agent import Agent, plan_context
+    from pyproxy.config import load_config
+    from pyproxy.iptables.restore import Backend, IPTables
+    from pyproxy.iptables.sync import IPTablesDataplane
+    from pyproxy.model import parse_node
+    from pyproxy.sources import kube
+    from tests.api.server import FakeKubeAPI
+
+    shape = Shape(p["services"], p["endpoints"])
+    rate, duration = float(p["rate"]), float(p["seconds"])
+    api = FakeKubeAPI().start()
+    t0 = time.perf_counter()
+    api.create(node_object())
+    for obj in shape.services_objects():
+        api.create(obj)
+    for obj in shape.slice_objects():
+        api.create(obj)
+    _log(f"latency: API server holds {shape.label} ({time.perf_counter() - t0:.1f} s to load)")
+
+    with tempfile.TemporaryDirectory(prefix="pyproxy-bench-") as tmp:
+        kubeconfig = api.write_kubeconfig(Path(tmp) / "kubeconfig")
+        config, _ = load_config(None, {
+            "min_sync_period": f"{p['min_sync_period']}s", "sync_period": f"{p['sync_period']}s",
+            "hostname_override": NODE_NAME, "cluster_cidr": POD_CIDR})
+        node = parse_node(node_object())
+        dataplane = IPTablesDataplane(IPTables(Backend(p["backend"])), plan_context(config, node))
+        agent = Agent(config, NODE_NAME, dataplane)
+        observer = _LatencyObserver()
+        agent.reconciler.observers.append(observer)
+
+        received: dict[int, float] = {}
+        set_slice = agent.tracker.set_slice
+
+        def set_slice_seen(obj: Any) -> None:
+            # Runs under the reconciler's lock (the informer's handler takes it).
+            seq = ((obj.get("metadata") or {}).get("annotations") or {}).get(SEQ_ANNOTATION)
+            set_slice(obj)
+            if seq is not None:
+                received.setdefault(int(seq), agent.reconciler.clock())
+
+        agent.tracker.set_slice = set_slice_seen  # type: ignore[method-assign]
+        informers = agent.informers(kube.api_client(str(kubeconfig)))
+        started = time.monotonic()
+        runner = threading.Thread(target=agent.run, args=(informers,), name="agent", daemon=True)
+        runner.start()
+        want_ports = sum(len(service_object(i)["spec"]["ports"]) for i in range(shape.services))
+        deadline = started + float(p["initial_timeout"])
+        with observer.cond:
+            while not any(s[2] for s in observer.syncs) and time.monotonic() < deadline:
+                observer.cond.wait(1.0)
+        initial = observer.syncs[0] if observer.syncs else None
+        ports_programmed = observer.first_ports
+        if initial is None:
+            raise RuntimeError("the agent never completed its first sync")
+        _log(f"latency: first sync done {initial[1] - started:.1f} s after start "
+             f"({ports_programmed}/{want_ports} service ports); changing {rate:g}/s "
+             f"for {duration:g} s")
+
+        rng = random.Random(int(p.get("seed", 5)))
+        edits = Edits(shape)
+        writes: list[float] = []
+        begin = time.monotonic() + 0.5
+        for k in range(int(rate * duration)):
+            due = begin + k / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            i = rng.randrange(shape.services)
+            sl = edits.change(i, k % shape.endpoints, seq=k)
+            writes.append(time.monotonic())
+            api.update(sl)
+        window_end = time.monotonic()
+        deadline = window_end + float(p["drain_timeout"])
+        with observer.cond:
+            while time.monotonic() < deadline:
+                with agent.reconciler.lock:  # the informer thread writes `received` under it
+                    seen, last = len(received), max(received.values(), default=0.0)
+                if seen >= len(writes) and any(s[0] >= last for s in observer.syncs):
+                    break
+                observer.cond.wait(0.5)
+        agent.stop.set()
+        agent.close()
+        api.stop()
+        syncs = list(observer.syncs)
+
+    latencies: list[float] = []
+    partial_only: list[float] = []  # changes no periodic full resync held up
+    unapplied = 0
+    for k, wrote in enumerate(writes):
+        got = received.get(k)
+        sync = first_sync_after(syncs, got) if got is not None else None
+        if sync is None:
+            unapplied += 1
+            continue
+        latencies.append(sync[1] - wrote)
+        if not waited_on_full(syncs, wrote, sync):
+            partial_only.append(sync[1] - wrote)
+    in_window = [s for s in syncs[1:] if begin <= s[0] <= window_end]
+    partial = [s[1] - s[0] for s in in_window if not s[2]]
+    return {
+        "initial_s": initial[1] - started,
+        "ports_programmed": ports_programmed,
+        "ports_wanted": want_ports,
+        "writes": len(writes),
+        "unapplied": unapplied,
+        "latencies": latencies,
+        "p50_s": percentile(latencies, 50),
+        "p99_s": percentile(latencies, 99),
+        "max_s": max(latencies, default=None),
+        "partial_only": len(partial_only),
+        "partial_only_p99_s": percentile(partial_only, 99),
+        "syncs_in_window": len(in_window),
+        "full_syncs_in_window": sum(1 for s in in_window if s[2]),
+        "full_sync_s": [s[1] - s[0] for s in in_window if s[2]],
+        "partial_sync_median_s": median(partial),
+        "partial_sync_max_s": max(partial, default=None),
+        "rss_peak_mb": peak_rss_mb(),
+    }
+
+
+WORKERS: dict[str, Callable[[JSON], JSON]] = {
+    "scale": worker_scale,
+    "floor": worker_floor,
+    "latency": worker_latency,
+}
+
+
+def worker_main(kind: str) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+    params = json.loads(sys.stdin.read())
+    result = WORKERS[kind](params)
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+# -- the driver (root namespace: makes namespaces, runs workers, prints) ---------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    quick: bool
+    backends: tuple[str, ...]
+    sizes: tuple[int, ...]
+    endpoints: int
+    big_endpoints: int
+    changes: int
+    many: int
+    latency_services: int
+    latency_seconds: float
+    latency_rate: float
+    min_sync_period: float
+    sync_period: float
+    single_floor_timeout: float
+    workdir: Path
+
+
+BACKEND_NAMES = {"legacy": "iptables, legacy backend", "nft": "iptables, nf_tables backend"}
+
+
+@dataclass
+class Bench:
+    """Namespaces and workers, with everything they measured kept for --json."""
+
+    opts: Options
+    raw: list[JSON] = field(default_factory=list)
+    _ids: Iterator[int] = field(default_factory=itertools.count)
+
+    @contextlib.contextmanager
+    def netns(self) -> Iterator[str]:
+        """A fresh namespace with loopback up, deleted afterwards whatever happens."""
+        name = f"ppbench-{os.getpid()}-{next(self._ids)}"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        try:
+            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+            yield name
+        finally:
+            subprocess.run(["ip", "netns", "delete", name], check=False)
+
+    def worker(self, kind: str, params: JSON, timeout: float = 3600) -> JSON:
+        """Run one worker in a fresh namespace of its own."""
+        with self.netns() as ns:
+            argv = ["ip", "netns", "exec", ns, sys.executable, str(SCRIPT), "--worker", kind]
+            proc = subprocess.run(argv, input=json.dumps(params), stdout=subprocess.PIPE,
+                                  text=True, timeout=timeout, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{kind} worker failed (exit {proc.returncode})")
+        result: JSON = json.loads(proc.stdout.strip().splitlines()[-1])
+        self.raw.append({"worker": kind, "params": params, "result": result})
+        return result
+
+
+def _scale_rows(table: str, group: str, backend: str, r: JSON, fl: JSON,
+                single: float | None, opts: Options, targets: bool) -> list[Row]:
+    """Rows for one size: pyproxy's figures with the floor and the targets next to them.
+
+    ``targets`` is False for shapes issue 5 sets no targets for (one big Service):
+    their figures are printed for information, with peak RSS still checked.
+    """
+    nft = backend == "nft"
+
+    def check(target: str, result: str) -> tuple[str, str]:
+        return (target, result) if targets else ("", "")
+
+    def checked(what: str, value: str, target: str, result: str) -> Row:
+        target, result = check(target, result)
+        return Row(table, group, what, value, target=target, result=result)
+
+    floor_full = sum(fl["groups"].get("full") or []) or None
+    full = r["full"]
+    rows = [
+        Row(table, group, "model build (API dicts → tracker → snapshot)",
+            fmt_s(r["model_build_s"])),
+        checked("plan, full (cold planner)", fmt_s(full["plan_s"]), "≤ 0.5 s",
+                verdict(full["plan_s"], 0.5)),
+        Row(table, group, f"apply, full ({full['transactions']} transaction(s), "
+            f"{full['lines']:,} lines)", fmt_s(full["apply_s"])),
+    ]
+    total = full["sync_s"]
+    ratio = ratio_of(total, floor_full)
+    if nft:
+        target, result = check("≤ 8 s", verdict(total, 8.0))
+    else:
+        target, result = check("≤ 1.3× floor", verdict(ratio, 1.3))
+    rows.append(Row(table, group, f"full sync total (plan + apply + conntrack "
+                    f"{fmt_s(full['other_s'])}; gc {fmt_s(full['gc_s'])})", fmt_s(total),
+                    fmt_s(floor_full), fmt_ratio(ratio), target, result))
+    first = r["model_build_s"] + total
+    rows.append(Row(table, group, "first programming incl. model build", fmt_s(first),
+                    fmt_s(floor_full), fmt_ratio(ratio_of(first, floor_full))))
+    if nft:
+        stopped = f"> {opts.single_floor_timeout:.0f} s (stopped)"
+        rows.append(Row(table, group, "context: the same rules restored as ONE transaction "
+                        "(kube-proxy's way); ratio = full sync / it", "",
+                        fmt_s(single) if single is not None else stopped,
+                        fmt_ratio(ratio_of(total, single))))
+
+    ones = r["one_endpoint"]
+    if ones:
+        one = median([o["total_s"] for o in ones])
+        floor_ones = [sum(t) for t in (fl["groups"].get(f"one-{k}") for k in range(len(ones)))
+                      if t]
+        floor_one = median(floor_ones)
+        ratio = ratio_of(one, floor_one)
+        if nft:
+            target, result = check("≤ 50 ms", verdict(one, 0.050))
+        else:
+            target, result = check("≤ 1.3× floor", verdict(ratio, 1.3))
+        lines = int(median([o["lines"] for o in ones]) or 0)
+        rows.append(Row(table, group, f"one endpoint changed, partial sync (median of "
+                        f"{len(ones)}, {lines:,} lines)", fmt_s(one), fmt_s(floor_one),
+                        fmt_ratio(ratio), target, result))
+        py = median([o["python_s"] for o in ones])
+        parts = (f"tracker {fmt_s(median([o['tracker_s'] for o in ones]))}, "
+                 f"plan {fmt_s(median([o['plan_s'] for o in ones]))}, "
+                 f"conntrack {fmt_s(median([o['other_s'] for o in ones]))}, "
+                 f"gc {fmt_s(median([o['gc_s'] for o in ones]))}")
+        rows.append(checked(f"  of which Python ({parts}, render)", fmt_s(py), "≤ 5 ms",
+                            verdict(py, 0.005)))
+    many = r.get("many")
+    if many:
+        floor_many = sum(fl["groups"].get("many") or []) or None
+        rows.append(Row(table, group, f"{many['services']} services changed, partial sync "
+                        f"({many['lines']:,} lines)", fmt_s(many["total_s"]), fmt_s(floor_many),
+                        fmt_ratio(ratio_of(many["total_s"], floor_many))))
+    rs = r["resync"]
+    wrote = f"{rs['lines']} lines written"
+    if nft:
+        target, result = check("≤ 3 s, writes nothing",
+                               "PASS" if rs["total_s"] <= 3.0 and rs["lines"] == 0 else "MISS")
+    else:
+        target, result = check("writes nothing", "PASS" if rs["lines"] == 0 else "MISS")
+    rows.append(Row(table, group, f"periodic full resync, nothing changed ({wrote}; "
+                    f"save {fmt_s(rs['save_s'])}, plan {fmt_s(rs['plan_s'])}); floor = save "
+                    "of both tables", fmt_s(rs["total_s"]), fmt_s(fl.get("save_both_s")),
+                    fmt_ratio(ratio_of(rs["total_s"], fl.get("save_both_s"))), target, result))
+    rows.append(Row(table, group, f"context: iptables-{backend}-save -t nat "
+                    f"({r['nat_rules']:,} nat rules, {r['nat_chains']:,} chains)", "",
+                    fmt_s(fl.get("save_nat_s"))))
+    rows.append(Row(table, group, f"context: iptables-{backend}-save, every table in one call",
+                    "", fmt_s(fl.get("save_all_s"))))
+    rows.append(Row(table, group, f"peak RSS (fresh process; {r['rss_baseline_mb']:.0f} MB "
+                    f"after imports, {full['rss_peak_mb']:.0f} MB after the full sync)",
+                    f"{r['rss_peak_mb']:.0f} MB",
+                    target="≤ 200 MB", result=verdict(r["rss_peak_mb"], 200)))
+    return rows
+
+
+def _measure_shape(bench: Bench, backend: str, shape: Shape, many: int,
+                   label: str) -> tuple[JSON, JSON, float | None]:
+    """pyproxy on ``shape`` in one namespace, then the floor in fresh ones."""
+    opts = bench.opts
+    outdir = opts.workdir / f"{backend}-{label}"
+    outdir.mkdir(parents=True, exist_ok=True)
+    r = bench.worker("scale", {"backend": backend, "services": shape.services,
+                               "endpoints": shape.endpoints, "changes": opts.changes,
+                               "many": many, "outdir": str(outdir)})
+    groups = [{"name": "full", "files": r["full"]["files"]}]
+    groups += [{"name": f"one-{k}", "files": o["files"]}
+               for k, o in enumerate(r["one_endpoint"])]
+    if r.get("many"):
+        groups.append({"name": "many", "files": r["many"]["files"]})
+    _log(f"{backend} {shape.label}: floor (bare {_tool(backend, 'restore')} of the same payloads)")
+    fl = bench.worker("floor", {"backend": backend, "groups": groups, "saves": True})
+    single = None
+    if r.get("single_file"):
+        _log(f"{backend} {shape.label}: floor as one transaction "
+             f"(stopped after {opts.single_floor_timeout:.0f} s)")
+        one = bench.worker("floor", {"backend": backend, "timeout": opts.single_floor_timeout,
+                                     "groups": [{"name": "single",
+                                                 "files": [r["single_file"]]}]})
+        times = one["groups"].get("single")
+        single = sum(times) if times else None
+    shutil.rmtree(outdir, ignore_errors=True)
+    return r, fl, single
+
+
+def section_iptables_scale(bench: Bench) -> list[Row]:
+    """Per backend and size: full programming, changes and resync against the bare restore."""
+    rows: list[Row] = []
+    opts = bench.opts
+    for backend in opts.backends:
+        for size in opts.sizes:
+            shape = Shape(size, opts.endpoints)
+            r, fl, single = _measure_shape(bench, backend, shape, opts.many, f"s{size}")
+            rows += _scale_rows(BACKEND_NAMES[backend], shape.label, backend, r, fl, single,
+                                opts, targets=True)
+    return rows
+
+
+def section_iptables_big_service(bench: Bench) -> list[Row]:
+    """One Service with many endpoints: the other way a cluster gets large."""
+    rows: list[Row] = []
+    opts = bench.opts
+    for backend in opts.backends:
+        shape = Shape(1, opts.big_endpoints)
+        r, fl, single = _measure_shape(bench, backend, shape, 0, "big")
+        rows += _scale_rows(BACKEND_NAMES[backend], shape.label, backend, r, fl, single, opts,
+                            targets=False)
+    return rows
+
+
+def section_latency(bench: Bench) -> list[Row]:
+    """Network programming latency: API write → the sync that applied it, through the Agent."""
+    rows: list[Row] = []
+    opts = bench.opts
+    for backend in opts.backends:
+        shape = Shape(opts.latency_services, opts.endpoints)
+        _log(f"{backend}: network programming latency at {shape.label}")
+        r = bench.worker("latency", {
+            "backend": backend, "services": shape.services, "endpoints": shape.endpoints,
+            "rate": opts.latency_rate, "seconds": opts.latency_seconds,
+            "min_sync_period": opts.min_sync_period, "sync_period": opts.sync_period,
+            "initial_timeout": 600, "drain_timeout": 30})
+        table = BACKEND_NAMES[backend]
+        group = f"latency, {shape.label}"
+        limit = opts.min_sync_period + 0.2
+        rows.append(Row(table, group, "initial programming through the API (list → synced)",
+                        fmt_s(r["initial_s"])))
+        fulls = ", ".join(fmt_s(s) for s in r["full_sync_s"]) or "none"
+        rows.append(Row(table, group, f"{r['writes']} endpoint changes at "
+                        f"{opts.latency_rate:g}/s, minSyncPeriod {opts.min_sync_period:g} s: p50",
+                        fmt_s(r["p50_s"])))
+        rows.append(Row(table, group, f"  p99 (max {fmt_s(r['max_s'])}; {r['unapplied']} never "
+                        f"applied; {r['syncs_in_window']} syncs, periodic full: {fulls}; "
+                        f"partial median {fmt_s(r['partial_sync_median_s'])})",
+                        fmt_s(r["p99_s"]), target=f"≤ {limit:g} s",
+                        result=verdict(r["p99_s"], limit) if not r["unapplied"] else "MISS"))
+        rows.append(Row(table, group, f"  p99 of the {r['partial_only']} changes no periodic "
+                        "full resync held up", fmt_s(r["partial_only_p99_s"])))
+        rows.append(Row(table, group, "peak RSS (agent + in-process API server)",
+                        f"{r['rss_peak_mb']:.0f} MB"))
+    return rows
+
+
+# The sections, in order. An IPVS section (run inside the User-mode Linux kernel, against
+# `ipvsadm --restore` of the same configuration) appends itself here when that dataplane lands.
+SECTIONS: list[tuple[str, Callable[[Bench], list[Row]]]] = [
+    ("iptables scale", section_iptables_scale),
+    ("iptables, one big service", section_iptables_big_service),
+    ("network programming latency", section_latency),
+]
+
+
+def _version(argv: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(list(argv), capture_output=True, text=True, timeout=10, check=False)
+    except OSError as err:
+        return f"unavailable ({err})"
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) \
+        else "?"
+
+
+def machine_info() -> JSON:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "iptables": _version(["iptables-legacy", "--version"]) + "; "
+        + _version(["iptables-nft", "--version"]),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true",
+                    help="1,000 services only, fewer changes, short latency run (< 2 min)")
+    ap.add_argument("--backend", choices=("legacy", "nft", "both"), default="both")
+    ap.add_argument("--sizes", default=None, help="services per cluster, comma-separated "
+                    "(default 1000,5000,10000; 1000 with --quick)")
+    ap.add_argument("--endpoints", type=int, default=5, help="endpoints per service")
+    ap.add_argument("--latency-seconds", type=float, default=None,
+                    help="how long to keep changing services (default 30; 10 with --quick)")
+    ap.add_argument("--latency-rate", type=float, default=5.0, help="changes per second")
+    ap.add_argument("--skip", default="", help="sections to skip, comma-separated: "
+                    + ", ".join(name for name, _ in SECTIONS))
+    ap.add_argument("--json", dest="json_file", default=None, help="write raw results here")
+    ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def options(args: argparse.Namespace, workdir: Path) -> Options:
+    sizes = tuple(int(s) for s in (args.sizes or ("1000" if args.quick else "1000,5000,10000"))
+                  .split(","))
+    if any(not 0 < s <= MAX_SERVICES for s in sizes):
+        raise SystemExit(f"--sizes: each size must be 1..{MAX_SERVICES}")
+    return Options(
+        quick=args.quick,
+        backends=("legacy", "nft") if args.backend == "both" else (args.backend,),
+        sizes=sizes,
+        endpoints=args.endpoints,
+        big_endpoints=1000 if args.quick else 10_000,
+        changes=3 if args.quick else 5,
+        many=100,
+        latency_services=1000 if args.quick else max(sizes),
+        latency_seconds=args.latency_seconds or (10.0 if args.quick else 30.0),
+        latency_rate=args.latency_rate,
+        min_sync_period=1.0,
+        sync_period=30.0,
+        single_floor_timeout=30.0 if args.quick else 120.0,
+        workdir=workdir,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args.worker)
+        return 0
+    if os.geteuid() != 0:
+        raise SystemExit("bench.py needs root (it creates network namespaces)")
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    started, load_start = time.monotonic(), _load()
+    info = machine_info()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="pyproxy-bench-") as tmp:
+        opts = options(args, Path(tmp))
+        bench = Bench(opts)
+        for name, section in SECTIONS:
+            if name in skip:
+                continue
+            _log(f"section: {name}")
+            rows += section(bench)
+    elapsed = time.monotonic() - started
+    load_end = _load()
+    print(render_report(info, opts, rows, load_start, load_end, elapsed))
+    if args.json_file:
+        Path(args.json_file).write_text(json.dumps({
+            "machine": info, "options": {k: str(v) for k, v in asdict(opts).items()},
+            "load_start": load_start, "load_end": load_end, "elapsed_s": elapsed,
+            "rows": [asdict(r) for r in rows], "raw": bench.raw}, indent=1))
+    return 0
+
+
+def render_report(info: JSON, opts: Options, rows: Sequence[Row], load_start: str,
+                  load_end: str, elapsed: float) -> str:
+    head = [
+        f"## pyproxy benchmark{' (--quick)' if opts.quick else ''}",
+        "",
+        f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory_gb']} GiB, "
+        f"kernel {info['kernel']}, Python {info['python']}",
+        f"- iptables: {info['iptables']}",
+        f"- load average (1/5/15 min): {load_start} at start, {load_end} at end; "
+        f"run took {elapsed:.0f} s",
+        "- floor: the bare restore tool replaying pyproxy's own payloads in a fresh namespace, "
+        "same order; ratio = pyproxy / floor. Targets are issue 5's (at 10,000 services × 5 "
+        "endpoints where absolute); a MISS does not fail the run.",
+        "",
+    ]
+    return "\n".join(head) + format_tables(rows)
+
+
+if __name__ == "__main__":
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    sys.exit(main())
