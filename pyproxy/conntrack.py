@@ -32,7 +32,7 @@ import errno
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -425,16 +425,49 @@ class StaleFlowCleaner:
         self._cache = cache
         return out
 
+    def _update(
+        self,
+        previous: dict[ServicePortName, UDPPort],
+        services: Mapping[ServicePortName, ServicePort],
+        endpoints: Mapping[ServicePortName, Sequence[Endpoint]],
+        changed: Collection[ServicePortName],
+    ) -> dict[ServicePortName, UDPPort]:
+        """The state after a partial sync: only the changed ports are recomputed."""
+        current = dict(previous)
+        for spn in changed:
+            svc = services.get(spn)
+            if svc is None or spn.protocol not in CLEARED_PROTOCOLS:
+                current.pop(spn, None)
+                self._cache.pop(spn, None)
+                continue
+            eps = tuple(endpoints.get(spn, ()))
+            p = udp_port(svc, eps, self.node)
+            self._cache[spn] = (svc, eps, p)
+            current[spn] = p
+        return current
+
     def after_sync(
         self,
         services: Mapping[ServicePortName, ServicePort],
         endpoints: Mapping[ServicePortName, Sequence[Endpoint]],
+        changed: Collection[ServicePortName] | None = None,
     ) -> CleanupResult:
         """Delete what the sync just made stale; raises on kernel errors (then reconciles
-        on the next call, since it no longer knows what is left)."""
-        current = self.state(services, endpoints)
+        on the next call, since it no longer knows what is left).
+
+        With ``changed`` (a partial sync's service ports) only those are compared, so
+        the cost follows the change rather than the number of services.
+        """
         previous, self.previous = self.previous, None
-        deletions = reconcile(current) if previous is None else stale_flows(previous, current)
+        if previous is not None and changed is not None:
+            current = self._update(previous, services, endpoints, changed)
+            keys = [k for k in changed if k in previous or k in current]
+            deletions = stale_flows({k: previous[k] for k in keys if k in previous},
+                                    {k: current[k] for k in keys if k in current})
+        else:
+            current = self.state(services, endpoints)
+            deletions = (reconcile(current) if previous is None
+                         else stale_flows(previous, current))
         counts = self._apply(deletions, service_addresses(current)) if deletions else {}
         self.previous = current
         for d, n in counts.items():

@@ -12,6 +12,7 @@ asks for the family it serves.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -140,12 +141,16 @@ class Endpoint:
     @property
     def address(self) -> str:
         """ip:port as DNAT and chain hashing spell it (brackets for IPv6)."""
-        if self.ip.version == 6:
-            return f"[{self.ip}]:{self.port}"
-        return f"{self.ip}:{self.port}"
+        return _address(self.ip, self.port)
 
     def __str__(self) -> str:
         return self.address
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _address(ip: IPAddress, port: int) -> str:
+    # Memoized: planners spell every endpoint several times per sync.
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ policy kube-proxy's BoundedFrequencyRunner and `syncProxyRules` implement.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -52,6 +53,7 @@ class Reconciler:
     _next_full: float = 0.0
     _retry_at: float | None = None
     _failures: int = 0
+    _frozen: bool = False
     _change_times: list[float] = field(default_factory=list)
 
     # -- called by sources (any thread) ---------------------------------------
@@ -83,7 +85,10 @@ class Reconciler:
         with self.lock:
             now = self.clock()
             if full is None:
-                full = self._need_full or now >= self._next_full
+                # A periodic resync reads the whole kernel table (seconds at 10,000
+                # services): changes waiting for it go first, in a quick partial sync.
+                waiting = bool(self._change_times) or self.tracker.pending
+                full = self._need_full or (now >= self._next_full and not waiting)
             self._last_start = now
             changes, self._change_times = self._change_times, []
             snapshot = self.tracker.checkout()
@@ -102,6 +107,12 @@ class Reconciler:
                     obs.sync_failed(err, full=full)
                 raise
             finished = self.clock()
+            if full and not self._frozen:
+                # Everything allocated so far lives as long as the process: keep the
+                # cyclic GC from rescanning it (a full collection took ~110 ms at
+                # 10,000 services and could land in any sync).
+                gc.freeze()
+                self._frozen = True
             self._failures = 0
             self._retry_at = None
             if full:

@@ -28,6 +28,7 @@ partial sync can reuse the unchanged ones and a Planner can cache them.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -116,9 +117,11 @@ def _version(family: IPFamily) -> int:
 
 def _hash(*parts: str) -> str:
     digest = hashlib.sha256("".join(parts).encode()).digest()
-    return base64.b32encode(digest).decode()[:16]
+    # base32 turns each 5 bytes into 8 characters: the first 16 need only 10 bytes.
+    return base64.b32encode(digest[:10]).decode()
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def chain_name(kind: str, name: ServicePortName, endpoint: str = "") -> str:
     """Stable chain name: kube-proxy's hash of the port's identity (and endpoint).
 
@@ -130,6 +133,7 @@ def chain_name(kind: str, name: ServicePortName, endpoint: str = "") -> str:
 
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _cidr(addr: IPAddress | IPNetwork) -> str:
     """Addresses and networks as iptables-save prints them (always with a prefix length)."""
     if isinstance(addr, ipaddress.IPv4Address | ipaddress.IPv6Address):
@@ -429,7 +433,7 @@ ChainKey = tuple[Table, str]
 
 @dataclass(frozen=True)
 class Plan:
-    ruleset: Ruleset
+    ruleset: Ruleset  # the planner's live state: valid until its next plan(); copy() to keep
     chains_by_service: Mapping[ServicePortName, tuple[str, ...]]
     no_local_endpoints: int
     # The chains this plan may have changed since the previous one, or None for "any"
@@ -454,6 +458,7 @@ class Planner:
     _nat: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _filter: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _groups: dict[str, int] = field(default_factory=dict)
+    _chains_by_service: dict[ServicePortName, tuple[str, ...]] = field(default_factory=dict)
     _no_local: int = 0
     _started: bool = False
 
@@ -475,12 +480,13 @@ class Planner:
         for key in shared_touched:
             self._rebuild_shared(key, touched)
         self._top_level(touched)
-        rs = Ruleset(chains={Table.FILTER: dict(self._filter), Table.NAT: dict(self._nat)},
+        # The planner's own maps, not copies: copying 60,000 chains would cost more than
+        # planning one changed service. The ruleset is valid until the next plan().
+        rs = Ruleset(chains={Table.FILTER: self._filter, Table.NAT: self._nat},
                      jumps=jump_rules(), groups=self._groups)
         return Plan(
             ruleset=rs,
-            chains_by_service={spn: tuple(c for c, _ in hit[2].nat_chains)
-                               for spn, hit in self._cache.items()},
+            chains_by_service=dict(self._chains_by_service),
             no_local_endpoints=self._no_local,
             touched=None if full else frozenset(touched),
         )
@@ -505,6 +511,10 @@ class Planner:
         old_rules = old[2] if old is not None else ServiceRules(spn)
         shard = shard_of(spn)
         new_chains = dict(new_rules.nat_chains)
+        if svc is None:
+            self._chains_by_service.pop(spn, None)
+        else:
+            self._chains_by_service[spn] = tuple(new_chains)
         for chain, _ in old_rules.nat_chains:
             if chain not in new_chains:
                 self._nat.pop(chain, None)

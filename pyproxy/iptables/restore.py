@@ -87,15 +87,15 @@ class IPTables:
         return f"{'ip6' if self.ipv6 else 'ip'}tables-{self.backend}-{verb}"
 
     def save(self) -> str:
-        """The filter and nat tables as iptables-save prints them."""
-        out = []
-        for table in ("filter", "nat"):
-            proc = self.runner([self._tool("save"), "-t", table])
-            if proc.returncode != 0:
-                raise IPTablesError(f"{self._tool('save')} -t {table} failed: "
-                                    f"{proc.stderr.strip()}")
-            out.append(proc.stdout)
-        return "".join(out)
+        """Every table as iptables-save prints it (readers keep filter and nat).
+
+        One call, not one per table: on nf_tables each call reads the whole
+        ruleset from the kernel, so two calls cost twice as much.
+        """
+        proc = self.runner([self._tool("save")])
+        if proc.returncode != 0:
+            raise IPTablesError(f"{self._tool('save')} failed: {proc.stderr.strip()}")
+        return proc.stdout
 
     def restore(self, payload: RestorePayload) -> None:
         """Apply one --noflush transaction; retried while the xtables lock is busy."""

@@ -9,6 +9,7 @@ an iptables-restore payload), the tracer (following a packet) and cleanup
 from __future__ import annotations
 
 import enum
+import re
 import shlex
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ BUILTIN_CHAINS: Mapping[Table, tuple[str, ...]] = {
 }
 
 
-_BARE = frozenset("_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_BARE = re.compile(r"[A-Za-z0-9_-]+")
+_ESCAPES = str.maketrans({'"': '\\"', "\\": "\\\\", "'": "\\'"})
 
 
 def quote(value: str) -> str:
@@ -38,10 +40,9 @@ def quote(value: str) -> str:
     quotes with '"', '\\' and "'" escaped. Writing rules this way is what lets a
     sync compare its plan with the kernel's rules as plain text.
     """
-    if value and all(c in _BARE for c in value):
+    if _BARE.fullmatch(value):
         return value
-    escaped = "".join("\\" + c if c in "\"\\'" else c for c in value)
-    return f'"{escaped}"'
+    return f'"{value.translate(_ESCAPES)}"'
 
 
 def is_owned_chain(name: str) -> bool:
@@ -90,6 +91,10 @@ class Ruleset:
 
     def table(self, table: Table) -> dict[str, tuple[str, ...]]:
         return self.chains.setdefault(table, {})
+
+    def copy(self) -> Ruleset:
+        """Each table's chain map copied (the rule tuples are immutable and shared)."""
+        return Ruleset({t: dict(c) for t, c in self.chains.items()}, self.jumps, self.groups)
 
     def owned_chains(self, table: Table) -> set[str]:
         return {name for name in self.table(table) if is_owned_chain(name)}

@@ -104,20 +104,34 @@ class IPTablesDataplane:
             if self.conntrack is not None:
                 self.conntrack.forget()  # and the next conntrack cleanup must reconcile
             raise
-        self.applied = planned.ruleset
+        self._remember(planned.ruleset, touched)
         t2 = time.perf_counter()
-        deleted, failed = self._delete_stale_flows(snapshot)
+        deleted, failed = self._delete_stale_flows(snapshot, full)
         log.debug("iptables sync", extra={"full": full, "lines": lines,
                                           "transactions": len(payloads)})
         return SyncResult(full, lines, planned, t1 - t0, t2 - t1, len(payloads),
                           conntrack_deleted=deleted, conntrack_failed=failed)
 
-    def _delete_stale_flows(self, snapshot: Snapshot) -> tuple[int, bool]:
+    def _remember(self, desired: Ruleset, touched: frozenset[tuple[Table, str]] | None) -> None:
+        """What the kernel now holds, for the next partial sync: updated in place."""
+        if touched is None or self.applied is None:
+            self.applied = desired.copy()
+            return
+        for table, chain in touched:
+            rules = desired.table(table).get(chain)
+            if rules is None:
+                self.applied.table(table).pop(chain, None)
+            else:
+                self.applied.table(table)[chain] = rules
+
+    def _delete_stale_flows(self, snapshot: Snapshot, full: bool) -> tuple[int, bool]:
         """After the rules are in place, never before; never fails the sync."""
         if self.conntrack is None:
             return 0, False
         try:
-            return self.conntrack.after_sync(snapshot.services, snapshot.endpoints).deleted, False
+            changed = None if full else snapshot.changed_ports
+            return self.conntrack.after_sync(snapshot.services, snapshot.endpoints,
+                                             changed).deleted, False
         except Exception as err:
             log.warning("could not delete stale conntrack entries; will reconcile next sync",
                         extra={"error": f"{type(err).__name__}: {err}"})

@@ -15,13 +15,21 @@ It is a model, not an emulator. What it deliberately simplifies:
   branch point and every outcome is explored; the result is the union.
   ``-m recent --rcheck`` (session affinity) is a branch point too when
   ``affinity=True``, and never matches otherwise.
-* Interfaces (``-i``/``-o``) are unknown and assumed to match; ipset
-  membership is unknown and assumed false. Both leave a note.
+* Interfaces (``-i``/``-o``) are unknown and assumed to match. ipset
+  membership is unknown and assumed false unless the sets' members are
+  given (``ipsets=``, IPVS mode). Both leave a note.
 * Built-in chain policies are ACCEPT (the Ruleset does not carry policies).
 * Only the hooks a proxied packet meets are walked: nat PREROUTING, filter
   INPUT or FORWARD, nat INPUT or POSTROUTING for packets from outside; nat
   OUTPUT, filter OUTPUT, nat POSTROUTING (and filter INPUT when it loops back
   to a local address) for packets the node sends.
+* IPVS (``ipvs=``, the virtual servers by protocol, address and port) is
+  consulted where the kernel's hooks are: after filter INPUT for packets
+  from outside, after nat OUTPUT for the node's own. A virtual server picks
+  each real server of non-zero weight as a branch (probability by weight),
+  and the packet then leaves through filter OUTPUT and nat POSTROUTING, which
+  is where IPVS mode's masquerade decision lives. A virtual server without
+  real servers answers ICMP port unreachable: a REJECT.
 
 Anything it does not understand (an unknown match module, option or target)
 raises TraceError naming the rule, because a tracer that silently guesses
@@ -39,7 +47,8 @@ from dataclasses import dataclass
 
 from pyproxy.iptables.ruleset import Ruleset, Table
 
-__all__ = ["Packet", "TraceError", "TraceResult", "format_trace", "trace"]
+__all__ = ["IPSetContents", "Packet", "Reach", "TraceError", "TraceResult", "VirtualService",
+           "format_trace", "trace"]
 
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -79,6 +88,39 @@ class Packet:
 
 
 @dataclass(frozen=True)
+class Reach:
+    """One endpoint the packet can reach: with what probability, and whether masqueraded.
+
+    ``probability`` is None when it depends on something other than random
+    choice (an affinity record, a source-hashing scheduler).
+    """
+
+    endpoint: str
+    probability: float | None
+    masquerade: bool
+
+
+@dataclass(frozen=True)
+class IPSetContents:
+    """An ipset's type and members, as ``ipset list`` prints them ("1.2.3.4,tcp:80")."""
+
+    type: str
+    members: frozenset[str]
+
+
+@dataclass(frozen=True)
+class VirtualService:
+    """An IPVS virtual server: scheduler and real servers (address, port, weight)."""
+
+    scheduler: str
+    real_servers: tuple[tuple[str, int, int], ...]
+    persistence_timeout: int = 0
+
+
+VirtualServices = Mapping[tuple[str, str, int], VirtualService]  # (protocol, address, port)
+
+
+@dataclass(frozen=True)
 class TraceResult:
     """What happens to the packet, merged over every statistic/affinity branch.
 
@@ -95,6 +137,12 @@ class TraceResult:
     masquerade: bool
     chains: tuple[str, ...]
     notes: tuple[str, ...]
+    # Per endpoint: probability and masquerade, over the accepting branches.
+    reach: tuple[Reach, ...] = ()
+    # The rules (with their comments) that dropped or rejected the packet, in any branch.
+    reasons: tuple[str, ...] = ()
+    # Session affinity applies: a `recent --set` rule or a persistent virtual server.
+    affinity: bool = False
 
 
 # ---------------------------------------------------------------------------
@@ -402,6 +450,8 @@ class _PathResult:
     notes: tuple[str, ...]
     choices: tuple[bool, ...]
     probability: float | None  # None when a non-statistic (affinity) branch was taken
+    reason: str | None = None  # the rule that dropped or rejected the packet
+    affinity: bool = False
 
 
 class _Path:
@@ -421,8 +471,15 @@ class _Path:
         from_local: bool,
         affinity: bool,
         choices: Sequence[bool],
+        ipsets: Mapping[str, IPSetContents] | None = None,
+        ipvs: VirtualServices | None = None,
     ) -> None:
         self.ruleset = ruleset
+        self.ipsets = ipsets
+        self.ipvs = ipvs
+        self.reason: str | None = None
+        self.sticky = False
+        self.dnat_by_ipvs = False
         self.local = local
         self.from_local = from_local
         self.affinity = affinity
@@ -454,12 +511,17 @@ class _Path:
             notes=tuple(self.notes),
             choices=tuple(self.made),
             probability=self.probability,
+            reason=self.reason,
+            affinity=self.sticky,
         )
 
     def _hooks(self) -> str:
         if self.from_local:
-            steps = [(Table.NAT, "OUTPUT"), (Table.FILTER, "OUTPUT"), (Table.NAT, "POSTROUTING")]
-            for table, chain in steps:
+            if (verdict := self._builtin(Table.NAT, "OUTPUT")) is not None:
+                return verdict
+            if (verdict := self._virtual_server()) is not None:
+                return verdict
+            for table, chain in ((Table.FILTER, "OUTPUT"), (Table.NAT, "POSTROUTING")):
                 if (verdict := self._builtin(table, chain)) is not None:
                     return verdict
             if self._is_local(self.dst):
@@ -471,7 +533,14 @@ class _Path:
             return verdict
         if self._is_local(self.dst):
             self.notes.append(f"route: {self.dst} is local, deliver via INPUT")
-            steps = [(Table.FILTER, "INPUT"), (Table.NAT, "INPUT")]
+            if (verdict := self._builtin(Table.FILTER, "INPUT")) is not None:
+                return verdict
+            if self.ipvs is not None and (verdict := self._virtual_server()) is not None:
+                return verdict
+            if self.dnat_by_ipvs:  # IPVS sends it on through LOCAL_OUT and POSTROUTING
+                steps = [(Table.FILTER, "OUTPUT"), (Table.NAT, "POSTROUTING")]
+            else:
+                steps = [(Table.NAT, "INPUT")]
         else:
             self.notes.append(f"route: {self.dst} is not local, forward")
             steps = [(Table.FILTER, "FORWARD"), (Table.NAT, "POSTROUTING")]
@@ -479,6 +548,42 @@ class _Path:
             if (verdict := self._builtin(table, chain)) is not None:
                 return verdict
         return "ACCEPT"
+
+    def _virtual_server(self) -> str | None:
+        """IPVS: a virtual server on (protocol, destination, port) sends it to a real server."""
+        if self.ipvs is None or self.dnat is not None:
+            return None
+        key = (self.proto, str(self.dst), self.dport)
+        vs = self.ipvs.get(key)
+        name = f"ipvs/{_endpoint(self.dst, self.dport)}/{self.proto}"
+        if vs is None:
+            return None
+        self.chains.setdefault(name, None)
+        if vs.persistence_timeout:
+            self.sticky = True
+        usable = [(a, p, w) for a, p, w in vs.real_servers if w > 0]
+        if not usable:
+            self.reason = (f"{name}: IPVS virtual server has no real server with weight > 0 "
+                           "(ICMP port unreachable)")
+            self.notes.append(self.reason)
+            return "REJECT"
+        remaining = sum(w for _, _, w in usable)
+        chosen = usable[-1]
+        for address, port, weight in usable[:-1]:
+            if self._choose(weight / remaining):
+                chosen = (address, port, weight)
+                break
+            remaining -= weight
+        if vs.scheduler not in ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sed", "nq"):
+            self.probability = None  # hashing schedulers: decided by the packet, not by chance
+        addr, port = ipaddress.ip_address(chosen[0]), chosen[1]
+        self.dst, self.dport = addr, port
+        self.dnat = _endpoint(addr, port)
+        self.dnat_by_ipvs = True
+        persist = f", persistent {vs.persistence_timeout}s" if vs.persistence_timeout else ""
+        self.notes.append(f"{name}: scheduler {vs.scheduler}{persist}, "
+                          f"{len(usable)} real server(s): to {self.dnat}")
+        return None
 
     def _builtin(self, table: Table, chain: str) -> str | None:
         """Walk one hook's built-in chain; a DROP/REJECT verdict ends the packet."""
@@ -532,6 +637,8 @@ class _Path:
             return _Flow.CONTINUE
         if target in ("ACCEPT", "DROP", "REJECT"):
             self.notes.append(f"{label}: {target}{extra}")
+            if target != "ACCEPT":
+                self.reason = label
             return _Flow(target)
         if target == "RETURN":
             self.notes.append(f"{label}: RETURN{extra}")
@@ -542,6 +649,9 @@ class _Path:
             addr, port = _split_endpoint(opts["--to-destination"][0], self.dport)
             self.dst, self.dport = addr, port
             self.dnat = _endpoint(addr, port)
+            if any(m.module == "recent" and any(o.name == "--set" for o in m.opts)
+                   for m in rule.matches):
+                self.sticky = True
             self.notes.append(f"{label}: DNAT to {self.dnat}{extra}")
             return _Flow.ACCEPT
         if target == "SNAT":
@@ -651,11 +761,55 @@ class _Path:
                 states &= {"NEW"}
             return bool(states & set(args[0].split(",")))
         if name == "--match-set":
-            self.remarks.append(f"ipset {args[0]} membership unknown, assumed not a member")
-            return False
+            if self.ipsets is None:
+                self.remarks.append(f"ipset {args[0]} membership unknown, assumed not a member")
+                return False
+            return self._in_set(args[0], args[1])
         if name == "--return-nomatch":
             return True
         raise TraceError(f"cannot evaluate -m {mod} {name}")
+
+    def _in_set(self, name: str, flags: str) -> bool:
+        """ipset membership of the packet's fields named by ``flags`` (src/dst per dimension)."""
+        assert self.ipsets is not None
+        contents = self.ipsets.get(name)
+        if contents is None:
+            self.remarks.append(f"ipset {name} does not exist")
+            return False
+        dims = flags.split(",")
+        addr = {"src": self.src, "dst": self.dst}
+        port = {"src": self.sport, "dst": self.dport}
+        try:
+            kind, _, shape = contents.type.partition(":")
+            fields = shape.split(",")
+            if len(dims) < len(fields):
+                raise TraceError(f"ipset {name} ({contents.type}) needs {len(fields)} flags")
+            key: list[str] = []
+            net: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+            for field_name, dim in zip(fields, dims, strict=False):
+                if field_name == "ip":
+                    key.append(str(addr[dim]))
+                elif field_name == "port":
+                    value = port[dim]
+                    if value is None:
+                        self.remarks.append(f"ipset {name}: source port unknown, not a member")
+                        return False
+                    key.append(f"{self.proto}:{value}" if kind == "hash" else str(value))
+                elif field_name == "net":
+                    net = ipaddress.ip_network(addr[dim])
+                else:
+                    raise TraceError(f"unsupported ipset type {contents.type}")
+        except KeyError:
+            raise TraceError(f"bad ipset flags {flags!r}") from None
+        if net is None:
+            return ",".join(key) in contents.members
+        prefix = ",".join(key) + ","
+        for member in contents.members:
+            if member.startswith(prefix):
+                cidr = _network(member[len(prefix):])
+                if net.network_address in cidr:
+                    return True
+        return False
 
     def _addr_types(self, addr: _IPAddress) -> set[str]:
         if self._is_local(addr):
@@ -758,6 +912,8 @@ def trace(
     local_addresses: Iterable[str],
     from_local: bool = False,
     affinity: bool = False,
+    ipsets: Mapping[str, IPSetContents] | None = None,
+    ipvs: VirtualServices | None = None,
 ) -> TraceResult:
     """Follow ``packet`` through ``ruleset`` and merge the outcomes of every branch.
 
@@ -766,14 +922,18 @@ def trace(
     delivered (INPUT) or forwarded (FORWARD). ``from_local`` starts the packet
     in the node's OUTPUT path instead of PREROUTING. ``affinity`` lets
     ``-m recent --rcheck`` match (as a branch), as if the client had an
-    affinity record.
+    affinity record. ``ipsets`` gives the sets' members (IPVS mode), so
+    ``-m set`` matches are decided instead of assumed false; ``ipvs`` gives
+    the IPVS virtual servers, consulted as the kernel does (see the module
+    docstring).
     """
     local = frozenset(ipaddress.ip_address(a) for a in local_addresses)
     paths: list[_PathResult] = []
     pending: list[tuple[bool, ...]] = [()]
     while pending:
         prefix = pending.pop()
-        result = _Path(ruleset, packet, local, from_local, affinity, prefix).run()
+        result = _Path(ruleset, packet, local, from_local, affinity, prefix,
+                       ipsets, ipvs).run()
         paths.append(result)
         if len(paths) + len(pending) > MAX_PATHS:
             raise TraceError(f"more than {MAX_PATHS} branch outcomes; ruleset too branchy")
@@ -798,6 +958,14 @@ def _merge(paths: list[_PathResult]) -> TraceResult:
         counts = ", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts))
         notes.append(f"branches disagree ({counts}); verdict {verdict}")
     endpoints = tuple(sorted({p.endpoint for p in accepting if p.endpoint is not None}))
+    reach: list[Reach] = []
+    for endpoint in endpoints:
+        mine = [p for p in accepting if p.endpoint == endpoint]
+        probs = [p.probability for p in mine]
+        total = None if None in probs else sum(p for p in probs if p is not None)
+        reach.append(Reach(endpoint, total, any(p.masquerade for p in mine)))
+    reasons = tuple(dict.fromkeys(p.reason for p in paths
+                                  if p.verdict != "ACCEPT" and p.reason is not None))
     masq = {p.masquerade for p in accepting}
     if len(masq) > 1:
         notes.append("only some accepting branches are masqueraded")
@@ -821,6 +989,9 @@ def _merge(paths: list[_PathResult]) -> TraceResult:
         masquerade=True in masq,
         chains=tuple(chains),
         notes=tuple(notes),
+        reach=tuple(reach),
+        reasons=reasons,
+        affinity=any(p.affinity for p in accepting),
     )
 
 
@@ -830,6 +1001,20 @@ def format_trace(result: TraceResult) -> str:
         f"verdict:    {result.verdict}",
         f"endpoints:  {', '.join(result.endpoints) if result.endpoints else '(not DNATed)'}",
         f"masquerade: {'yes' if result.masquerade else 'no'}",
+    ]
+    if result.reach:
+        lines.append("reach:")
+        for r in result.reach:
+            prob = f"p={r.probability:.3f}" if r.probability is not None else "p=?"
+            lines.append(f"  {r.endpoint:<24} {prob}  {'masquerade' if r.masquerade else ''}"
+                         .rstrip())
+    if result.affinity:
+        lines.append("affinity:   yes (a client sticks to the endpoint it first reached)")
+    if result.reasons:
+        verb = "rejected" if result.verdict == "REJECT" else "dropped"
+        lines.append(f"{verb} by:" if result.verdict != "ACCEPT" else "some branches end at:")
+        lines.extend(f"  {reason}" for reason in result.reasons)
+    lines += [
         "chains:",
         *(f"  {chain}" for chain in result.chains),
         "notes:",

@@ -43,6 +43,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from pyproxy.ipvs.diff import (
     NODE_PORT_RANGE,
+    SET_PREFIX,
     AddAddress,
     AddDest,
     AddMember,
@@ -151,15 +152,19 @@ class IPVSKernel:
     """pyproxy's IPVS virtual servers, dummy interface and ipsets, over netlink.
 
     ``netns`` names a network namespace (as ``ip netns`` does) to work in;
-    None is the caller's own.
+    None is the caller's own. ``dummy`` and ``set_prefix`` say whose state this
+    is: pyproxy's by default; ``pyproxy cleanup --kube-proxy`` passes
+    kube-proxy's (kube-ipvs0, its KUBE-* set names) to remove what it left.
     """
 
     def __init__(self, dummy: str = DUMMY_INTERFACE, *,
                  node_port_addresses: Iterable[str] = (),
                  exclude_cidrs: Iterable[IPNetwork | str] = (),
                  node_port_range: tuple[int, int] = NODE_PORT_RANGE,
+                 set_prefix: str | tuple[str, ...] = SET_PREFIX,
                  netns: str | None = None) -> None:
         self.dummy = dummy
+        self.set_prefix = set_prefix
         self.netns = netns
         self.ownership = Ownership(
             node_port_addresses=frozenset(str(a) for a in node_port_addresses),
@@ -278,7 +283,7 @@ class IPVSKernel:
         out: dict[str, KernelSet] = {}
         for header in headers:
             name = header.get("IPSET_ATTR_SETNAME")
-            if not name or not Ownership.owns_set(name) or name in out:
+            if not name or not name.startswith(self.set_prefix) or name in out:
                 continue
             set_type = header.get("IPSET_ATTR_TYPENAME")
             ipv6 = header.get("IPSET_ATTR_FAMILY") == NFPROTO_IPV6

@@ -416,20 +416,26 @@ def node_port_addresses(addresses: Sequence[str], excluded: Sequence[str] = ()) 
 def describe(p: IPVSPlan) -> str:
     """The plan as an operator reads it: ipvsadm-save lines, addresses, ipset-save lines.
 
-    The virtual/real server part is valid ``ipvsadm --restore`` input.
+    The lines between the first two headers are valid ``ipvsadm --restore``
+    input (which accepts no comments at all, not even at the end of a line), so
+    which service each virtual server belongs to is listed in a section of its own.
     """
     flag = {Protocol.TCP: "-t", Protocol.UDP: "-u", Protocol.SCTP: "--sctp-service"}
     lines = ["# IPVS virtual and real servers (ipvsadm --restore format)"]
+    owners = []
     for key in sorted(p.virtual_servers):
         vs = p.virtual_servers[key]
         host = f"[{key.address}]" if ":" in key.address else key.address
         where = f"{flag[key.protocol]} {host}:{key.port}"
         persist = f" -p {vs.persistence_timeout}" if vs.persistence_timeout else ""
-        note = f"  # {vs.service}" if vs.service else ""
-        lines.append(f"-A {where} -s {vs.scheduler}{persist}{note}")
+        lines.append(f"-A {where} -s {vs.scheduler}{persist}")
         for rs in vs.real_servers:
             rhost = f"[{rs.address}]" if ":" in rs.address else rs.address
             lines.append(f"-a {where} -r {rhost}:{rs.port} -m -w {rs.weight}")
+        if vs.service:
+            owners.append(f"{key} {vs.service}")
+    lines.append("# service of each virtual server")
+    lines.extend(owners)
     lines.append(f"# addresses on {DUMMY_INTERFACE}")
     lines.extend(sorted(p.addresses, key=lambda a: (":" in a, a)))
     lines.append("# ipsets (ipset save format)")

@@ -372,11 +372,11 @@ class RecordingCleaner(StaleFlowCleaner):
     calls: list[str] = field(default_factory=list)
     raise_error: bool = False
 
-    def after_sync(self, services: Any, endpoints: Any) -> Any:
+    def after_sync(self, services: Any, endpoints: Any, changed: Any = None) -> Any:
         self.calls.append("after_sync")
         if self.raise_error:
             raise OSError("netlink says no")
-        return super().after_sync(services, endpoints)
+        return super().after_sync(services, endpoints, changed)
 
 
 def dataplane(runner: FakeRunner, cleaner: StaleFlowCleaner) -> IPTablesDataplane:

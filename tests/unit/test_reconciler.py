@@ -178,3 +178,17 @@ def test_not_ready_means_no_sync() -> None:
         stop.set()
         t.join(5)
     assert dp.syncs and dp.syncs[0][0] is True
+
+
+def test_changes_waiting_when_a_periodic_resync_is_due_go_first() -> None:
+    # A periodic resync reads the whole table; a change must not wait behind it.
+    rec, dp, clock, _ = make()
+    rec.sync_once()
+    clock.now += 30
+    feed(rec)
+    rec.sync_once()
+    assert dp.syncs[-1] == (False, frozenset({("t", "web")}))
+    clock.now += 1
+    assert rec._due(clock()) is None
+    rec.sync_once()
+    assert dp.syncs[-1][0] is True
