@@ -32,7 +32,7 @@ from pyproxy.config import (
     diff_reloadable,
     load_config,
 )
-from pyproxy.iptables.plan import PlanContext
+from pyproxy.iptables.plan import CANARY, PlanContext
 from pyproxy.iptables.restore import IPTables
 from pyproxy.iptables.sync import IPTablesDataplane
 from pyproxy.ipvs.netlink import IPVSKernel
@@ -46,6 +46,7 @@ from pyproxy.tracker import ChangeTracker, report_invalid
 log = logging.getLogger(__name__)
 
 CONFIG_KEY = "config.conf"
+CANARY_INTERVAL = 5.0  # seconds; each check reads one empty chain per table
 
 
 Dataplane = IPTablesDataplane | IPVSDataplane
@@ -344,10 +345,33 @@ class Agent:
         return out
 
     def run(self, informers: list[kube.Informer]) -> None:
-        self.reconciler.ready = kube.all_synced(informers[:2])
+        if informers:
+            self.reconciler.ready = kube.all_synced(informers[:2])
         for informer in informers:
             informer.start(self.stop)
+        self.watch_canary()
         self.reconciler.run(self.stop)
+
+    def watch_canary(self, interval: float = CANARY_INTERVAL) -> threading.Thread:
+        """Between full syncs, notice when someone flushed the tables, and resync at once."""
+
+        def loop() -> None:
+            while not self.stop.wait(interval):
+                if self.reconciler.applied_once and not self.canary_alive():
+                    log.warning("pyproxy's canary chain is gone (tables flushed by someone "
+                                "else?): full resync")
+                    self.reconciler.request_full_sync()
+
+        t = threading.Thread(target=loop, name="canary", daemon=True)
+        t.start()
+        return t
+
+    def canary_alive(self) -> bool:
+        ipt = self.dataplane.iptables
+        try:
+            return all(ipt.chain_exists(table, CANARY) for table in ("nat", "filter"))
+        except (OSError, subprocess.SubprocessError):
+            return True  # cannot tell: the periodic full sync still repairs drift
 
 
 class _ServiceHealthUpdater:

@@ -54,6 +54,7 @@ class Reconciler:
     _retry_at: float | None = None
     _failures: int = 0
     _frozen: bool = False
+    applied_once: bool = False  # a sync has succeeded: the kernel holds our rules
     _change_times: list[float] = field(default_factory=list)
 
     # -- called by sources (any thread) ---------------------------------------
@@ -115,6 +116,7 @@ class Reconciler:
                 self._frozen = True
             self._failures = 0
             self._retry_at = None
+            self.applied_once = True
             if full:
                 self._need_full = False
                 self._next_full = now + self.sync_period

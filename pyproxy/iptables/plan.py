@@ -51,6 +51,9 @@ FORWARD = "PYPROXY-FORWARD"
 FIREWALL = "PYPROXY-FIREWALL"
 POSTROUTING = "PYPROXY-POSTROUTING"
 MARK_MASQ = "PYPROXY-MARK-MASQ"
+# An empty chain in each table, as kube-proxy's KUBE-PROXY-CANARY: if it is gone, someone
+# flushed the tables (a firewalld reload, say) and a full sync must put everything back.
+CANARY = "PYPROXY-CANARY"
 
 NAT_BASE_CHAINS = (SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ)
 FILTER_BASE_CHAINS = (SERVICES, EXTERNAL_SERVICES, NODEPORTS, FORWARD, FIREWALL)
@@ -596,6 +599,8 @@ class Planner:
         )
         for chain in FILTER_BASE_CHAINS:
             self._filter.setdefault(chain, ())
+        self._filter[CANARY] = self._nat[CANARY] = ()
+        touched.update({(Table.FILTER, CANARY), (Table.NAT, CANARY)})
         self._rebuild_shared((Table.FILTER, FIREWALL), touched)
         touched.update((Table.NAT, c) for c in (MARK_MASQ, POSTROUTING))
         touched.update((Table.FILTER, c) for c in FILTER_BASE_CHAINS)

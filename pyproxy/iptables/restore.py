@@ -97,6 +97,12 @@ class IPTables:
             raise IPTablesError(f"{self._tool('save')} failed: {proc.stderr.strip()}")
         return proc.stdout
 
+    def chain_exists(self, table: str, chain: str) -> bool:
+        """Cheap (one chain, not the ruleset): for the canary check between syncs."""
+        tool = f"{'ip6' if self.ipv6 else 'ip'}tables-{self.backend}"
+        proc = self.runner([tool, "-w", str(self.wait_seconds), "-t", table, "-S", chain])
+        return proc.returncode == 0
+
     def restore(self, payload: RestorePayload) -> None:
         """Apply one --noflush transaction; retried while the xtables lock is busy."""
         if not payload:

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pyproxy.iptables.plan import (
+    CANARY,
     FORWARD,
     MARK_MASQ,
     POSTROUTING,
@@ -383,6 +384,7 @@ def ruleset(ctx: IPVSContext, nonempty: set[IPSet]) -> Ruleset:
         health.append(f"{_comment('pyproxy health check node port')} "
                       f"{_set(IPSet.HEALTH_CHECK_NODE_PORT, 'dst')} -j ACCEPT")
     flt[NODE_PORT] = tuple(health)
+    flt[CANARY] = nat[CANARY] = ()
     flt[FORWARD] = (
         "-m conntrack --ctstate INVALID -j DROP",
         f'-m comment --comment "pyproxy forwarding rules" -m mark --mark {mark}/{mark} -j ACCEPT',
