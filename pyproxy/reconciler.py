@@ -36,6 +36,20 @@ class SyncObserver(Protocol):
     def sync_failed(self, error: BaseException, *, full: bool) -> None: ...
 
 
+class QuietObserver:
+    """An observer that ignores what it does not override."""
+
+    def change_queued(self, at: float) -> None:
+        return None
+
+    def sync_succeeded(self, result: Any, *, full: bool, started: float, finished: float,
+                       change_times: list[float]) -> None:
+        return None
+
+    def sync_failed(self, error: BaseException, *, full: bool) -> None:
+        return None
+
+
 @dataclass
 class Reconciler:
     tracker: ChangeTracker

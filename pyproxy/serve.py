@@ -400,7 +400,28 @@ def _json(status: int, body: Mapping[str, Any]) -> tuple[int, str, bytes]:
 # -- /healthz and /livez -------------------------------------------------------------
 
 
-class HealthServer:
+class _Server:
+    """A Listener with the lifecycle every pyproxy HTTP port shares."""
+
+    listener: Listener
+    what = "HTTP"
+
+    @property
+    def port(self) -> int:
+        return self.listener.port
+
+    def add_route(self, path: str, handler: Route) -> None:
+        self.listener.add_route(path, handler)
+
+    def start(self) -> None:
+        self.listener.start()
+        log.info(f"serving {self.what}", extra={"address": self.listener.address})
+
+    def stop(self) -> None:
+        self.listener.stop()
+
+
+class HealthServer(_Server):
     """kube-proxy's healthz port: ``/healthz`` for LBs and probes, ``/livez`` for liveness.
 
     ``/livez`` ignores node draining (as upstream), so a draining node's proxy
@@ -414,6 +435,7 @@ class HealthServer:
         self.metrics = metrics
         self.listener = Listener(bind, {"/healthz": self._healthz, "/livez": self._livez},
                                  name="healthz")
+        self.what = "health checks"
 
     def _healthz(self) -> tuple[int, str, bytes]:
         return self._probe("healthz", with_node=True)
@@ -427,17 +449,6 @@ class HealthServer:
         if self.metrics is not None:
             self.metrics.probe_served(kind, status)
         return _json(status, body)
-
-    @property
-    def port(self) -> int:
-        return self.listener.port
-
-    def start(self) -> None:
-        self.listener.start()
-        log.info("serving health checks", extra={"address": self.listener.address})
-
-    def stop(self) -> None:
-        self.listener.stop()
 
 
 # -- metrics ------------------------------------------------------------------------
@@ -650,7 +661,7 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class MetricsServer:
+class MetricsServer(_Server):
     """kube-proxy's metrics port: ``/metrics``, plus ``/healthz`` (plain "ok") as upstream.
 
     ``add_route`` lets other parts hang debugging pages here (``/state``,
@@ -662,23 +673,10 @@ class MetricsServer:
         self.metrics = metrics
         self.listener = Listener(bind, {"/metrics": self._metrics, "/healthz": _ok},
                                  name="metrics")
+        self.what = "metrics"
 
     def _metrics(self) -> tuple[int, str, bytes]:
         return 200, CONTENT_TYPE_LATEST, self.metrics.exposition()
-
-    def add_route(self, path: str, handler: Route) -> None:
-        self.listener.add_route(path, handler)
-
-    @property
-    def port(self) -> int:
-        return self.listener.port
-
-    def start(self) -> None:
-        self.listener.start()
-        log.info("serving metrics", extra={"address": self.listener.address})
-
-    def stop(self) -> None:
-        self.listener.stop()
 
 
 def _ok() -> tuple[int, str, bytes]:
