@@ -19,13 +19,20 @@ Why it is built this way (see ../shared/TESTING.md, "Benchmarks are not tests"):
 - Targets are printed as PASS/MISS; a miss never fails the script.
 
 The sections run in the order of SECTIONS; each returns table rows tagged with
-the table (dataplane) they belong to, so another dataplane's section (IPVS,
-under the User-mode Linux kernel) can be appended without touching the others.
+the table (dataplane) they belong to.
+
+The IPVS section runs where IPVS is: one boot of the User-mode Linux kernel
+(scripts/uml.py), in which this script runs again (``--ipvs-guest DIR``, DIR on
+the host's filesystem since the guest's /tmp is its own) and measures, each in a
+fresh namespace of that kernel, ``ipvsadm --restore`` of the configuration
+pyproxy will program, pyproxy's IPVS dataplane (full sync, endpoint changes,
+idle resync) and the floor again. Only ratios within that one boot mean anything.
 
 Run as root::
 
     .venv/bin/python scripts/bench.py --quick
     .venv/bin/python scripts/bench.py --backend nft --sizes 1000,5000,10000 --json out.json
+    .venv/bin/python scripts/bench.py --only ipvs      # or --no-ipvs to leave it out
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import hashlib
 import ipaddress
 import itertools
 import json
@@ -750,10 +758,248 @@ def worker_latency(p: JSON) -> JSON:
     }
 
 
+# -- IPVS (inside User-mode Linux: the host kernel has no IPVS; see TESTING.md) ---------------
+
+# The mix's kinds that `ipvsadm --restore` expresses as they are: TCP/UDP ClusterIP (with
+# persistence for affinity) and NodePort services. External IPs and LoadBalancers are left out.
+IPVS_KINDS = frozenset({"clusterip", "two-ports", "udp", "nodeport", "affinity",
+                        "nodeport-local", "nodeport-local-none"})
+IPVS_ENDPOINTS = 3
+IPVS_NODE_DEV = "bench-node0"  # the node's own interface in each IPVS namespace
+IPVS_HANDFUL = 10  # "one change costs a handful of netlink messages"
+IPVS_FLOORS_AFTER = 2  # floor runs after pyproxy's (one runs before): the median is used
+IPVS_MAX_SERVICES = 15_000  # of the mix's first 16,383, about 94 % are of IPVS_KINDS
+_IPVSADM_HEADER = "# IPVS virtual and real servers"
+
+
+def ipvs_service_indices(n: int) -> list[int]:
+    """The first ``n`` services of the synthetic mix whose kind is in IPVS_KINDS."""
+    out: list[int] = []
+    for i in range(MAX_SERVICES):
+        if len(out) == n:
+            return out
+        if kind_of(i) in IPVS_KINDS:
+            out.append(i)
+    raise ValueError(f"at most {len(out)} IPVS services in the synthetic mix")
+
+
+def ipvs_change_targets(indices: Sequence[int], k: int) -> list[int]:
+    """``k`` plain TCP ClusterIP services (i % 100 == 5) spread over ``indices``."""
+    plain = [i for i in indices if i % 100 == 5] or [i for i in indices
+                                                      if kind_of(i) == "clusterip"]
+    return [plain[n * len(plain) // k] for n in range(k)] if plain else []
+
+
+def ipvsadm_part(description: str) -> str:
+    """The ``ipvsadm --restore`` lines of ``pyproxy.ipvs.plan.describe``'s output."""
+    lines = description.splitlines()
+    start = next(n for n, line in enumerate(lines) if line.startswith(_IPVSADM_HEADER)) + 1
+    end = next((n for n in range(start, len(lines)) if lines[n].startswith("#")), len(lines))
+    return "".join(line + "\n" for line in lines[start:end] if line.strip())
+
+
+def ipvsadm_lines(text: str) -> list[str]:
+    """``ipvsadm -Sn`` (or --restore input) lines, whitespace-normalised and sorted."""
+    return sorted(" ".join(line.split()) for line in text.splitlines() if line.strip())
+
+
+def _ipvs_netns_setup() -> None:
+    """The node's address on an interface of its own: NodePorts listen there, and IPVS
+    takes masquerading real servers only once the namespace has a local address."""
+    for argv in (["ip", "link", "add", IPVS_NODE_DEV, "type", "dummy"],
+                 ["ip", "addr", "add", f"{NODE_IP}/24", "dev", IPVS_NODE_DEV],
+                 ["ip", "link", "set", IPVS_NODE_DEV, "up"]):
+        subprocess.run(argv, check=True, capture_output=True, text=True)
+
+
+def _ipvsadm_save() -> str:
+    proc = subprocess.run(["ipvsadm", "-Sn"], capture_output=True, text=True, check=True)
+    return proc.stdout
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def ipvs_expected_restore(services: int) -> str:
+    """What pyproxy will program for ``services`` (node port address: NODE_IP), as ipvsadm
+    --restore input: the floor's payload, computed before pyproxy runs (pure)."""
+    from pyproxy.ipvs.plan import IPVSContext, describe, plan
+    from pyproxy.model import parse_node
+    from pyproxy.tracker import ChangeTracker
+
+    indices = ipvs_service_indices(services)
+    tracker = ChangeTracker(NODE_NAME)
+    tracker.replace((service_object(i) for i in indices),
+                    (sl for i in indices for sl in slice_objects(i, IPVS_ENDPOINTS)))
+    snap = tracker.checkout()
+    ctx = IPVSContext(node=parse_node(node_object()),
+                      cluster_cidrs=(ipaddress.ip_network(POD_CIDR),),
+                      node_port_addresses=(ipaddress.ip_address(NODE_IP),))
+    return ipvsadm_part(describe(plan(snap.services, snap.endpoints, ctx)))
+
+
+def worker_ipvs(p: JSON) -> JSON:
+    """pyproxy's IPVS dataplane on one synthetic cluster: full sync, changes, idle resync."""
+    from pyproxy.iptables.restore import Backend, IPTables
+    from pyproxy.ipvs.diff import (
+        AddressOperation,
+        IPVSOperation,
+        KernelState,
+        Operation,
+        Scope,
+        SetOperation,
+    )
+    from pyproxy.ipvs.genl import Counters, NetlinkError
+    from pyproxy.ipvs.netlink import IPVSKernel
+    from pyproxy.ipvs.plan import IPVSContext, describe
+    from pyproxy.ipvs.sync import IPVSDataplane
+    from pyproxy.model import parse_node
+    from pyproxy.tracker import ChangeTracker
+
+    class TimedKernel(IPVSKernel):
+        """IPVSKernel that times its sends per socket (and its reads) and counts messages."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.stats: dict[str, JSON] = {}
+            self.read_s = 0.0
+
+        def _send(self, run: Sequence[Operation]) -> list[tuple[Operation, NetlinkError]]:
+            first = run[0]
+            kind = ("ipvs" if isinstance(first, IPVSOperation) else
+                    "ipset" if isinstance(first, SetOperation) else
+                    "rtnl" if isinstance(first, AddressOperation) else "other")
+            before = self.counters
+            t0 = time.perf_counter()
+            try:
+                return super()._send(run)
+            finally:
+                seconds = time.perf_counter() - t0
+                cost = self.counters - before
+                s = self.stats.setdefault(kind, {"seconds": 0.0, "operations": 0,
+                                                 "messages": 0, "sends": 0, "recvs": 0})
+                s["seconds"] += seconds
+                s["operations"] += len(run)
+                s["messages"] += cost.messages
+                s["sends"] += cost.sends
+                s["recvs"] += cost.recvs
+
+        def read(self, scope: Scope | None = None) -> KernelState:
+            t0 = time.perf_counter()
+            try:
+                return super().read(scope)
+            finally:
+                self.read_s += time.perf_counter() - t0
+
+    def counts(c: Counters) -> JSON:
+        return {"messages": c.messages, "sends": c.sends, "recvs": c.recvs}
+
+    _ipvs_netns_setup()
+    indices = ipvs_service_indices(int(p["services"]))
+    shape = Shape(len(indices), IPVS_ENDPOINTS)
+    outdir = Path(tempfile.mkdtemp(prefix="pyproxy-bench-ipvs-"))
+    runner = RecordingRunner(outdir)
+    res: JSON = {"rss_baseline_mb": peak_rss_mb()}
+
+    t0 = time.perf_counter()
+    tracker = ChangeTracker(NODE_NAME)
+    tracker.replace((service_object(i) for i in indices),
+                    (sl for i in indices for sl in slice_objects(i, IPVS_ENDPOINTS)))
+    snapshot = tracker.checkout()
+    res["model_build_s"] = time.perf_counter() - t0
+    res["service_ports"] = len(snapshot.services)
+
+    kernel = TimedKernel()
+    ctx = IPVSContext(node=parse_node(node_object()),
+                      cluster_cidrs=(ipaddress.ip_network(POD_CIDR),))
+    dataplane = IPVSDataplane(IPTables(Backend("legacy"), runner=runner), kernel, ctx)
+
+    def step(label: str, full: bool, objs: Sequence[JSON] = ()) -> tuple[JSON, Any]:
+        mark = runner.mark(label)
+        kernel.stats, kernel.read_s = {}, 0.0
+        before = kernel.counters
+        t0 = time.perf_counter()
+        for obj in objs:
+            tracker.set_slice(obj)
+        snap = tracker.checkout()
+        t1 = time.perf_counter()
+        result = dataplane.sync(snap, full=full)
+        t2 = time.perf_counter()
+        rec = runner.since(mark)
+        overhead = rec.pop("overhead_s")
+        rec.pop("files")
+        calls = runner.calls[mark[0]:]
+        out: JSON = {
+            "tracker_s": t1 - t0,
+            "sync_s": t2 - t1 - overhead,
+            "total_s": t2 - t0 - overhead,
+            "plan_s": result.plan_seconds,
+            "apply_s": result.apply_seconds - overhead,
+            "read_s": kernel.read_s,
+            "operations": result.operations,
+            "iptables_lines": result.lines_written - result.operations,
+            "iptables_calls": len(calls),
+            "kernel": dict(kernel.stats),
+            **counts(kernel.counters - before),
+            **rec,
+        }
+        out["prepare_s"] = out["sync_s"] - out["plan_s"] - out["apply_s"]
+        return out, result
+
+    _log(f"ipvs {shape.label}: full sync")
+    res["full"], result = step("full", True)
+    p_ = result.plan
+    res["virtual_servers"] = len(p_.virtual_servers)
+    res["real_servers"] = sum(len(vs.real_servers) for vs in p_.virtual_servers.values())
+    res["addresses"] = len(p_.addresses)
+    res["set_members"] = sum(len(m) for m in p_.ipsets.values())
+    res["sets"] = sum(1 for m in p_.ipsets.values() if m)
+    restore = ipvsadm_part(describe(p_))
+    res["restore_sha"] = _sha(restore)
+    res["restore_lines"] = restore.count("\n")
+    res["kernel_matches_plan"] = ipvsadm_lines(_ipvsadm_save()) == ipvsadm_lines(restore)
+
+    edits = Edits(shape)
+    res["changes"] = []
+    targets = ipvs_change_targets(indices, int(p["changes"]))
+    _log(f"ipvs {shape.label}: one endpoint changed, {len(targets)} times")
+    for k, i in enumerate(targets):
+        try:
+            out, _ = step(f"one-{k}", False, [edits.change(i, k % IPVS_ENDPOINTS)])
+        except Exception as err:  # reported in the table; the dataplane's next sync is full
+            _log(f"ipvs: partial sync failed: {err!r}")
+            res["change_error"] = f"{type(err).__name__}: {err}"
+            break
+        res["changes"].append(out)
+
+    _log(f"ipvs {shape.label}: periodic full resync, nothing changed")
+    res["resync"], _ = step("resync", True)
+    res["rss_peak_mb"] = peak_rss_mb()
+    kernel.close()
+    shutil.rmtree(outdir, ignore_errors=True)
+    return res
+
+
+def worker_ipvs_floor(p: JSON) -> JSON:
+    """The floor: ``ipvsadm --restore`` of the same virtual and real servers, timed."""
+    _ipvs_netns_setup()
+    text = str(p["text"])
+    seconds, proc = _timed(["ipvsadm", "--restore"], text)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ipvsadm --restore failed: {proc.stderr.strip()[-2000:]}")
+    out: JSON = {"seconds": seconds, "lines": text.count("\n")}
+    if p.get("check"):
+        out["matches"] = ipvsadm_lines(_ipvsadm_save()) == ipvsadm_lines(text)
+    return out
+
+
 WORKERS: dict[str, Callable[[JSON], JSON]] = {
     "scale": worker_scale,
     "floor": worker_floor,
     "latency": worker_latency,
+    "ipvs": worker_ipvs,
+    "ipvs-floor": worker_ipvs_floor,
 }
 
 
@@ -786,6 +1032,8 @@ class Options:
     sync_period: float
     single_floor_timeout: float
     workdir: Path
+    ipvs_services: int = 1000
+    ipvs_timeout: float = 1800.0  # the whole User-mode Linux run, boot included
 
 
 BACKEND_NAMES = {"legacy": "iptables, legacy backend", "nft": "iptables, nf_tables backend"}
@@ -1006,12 +1254,177 @@ def section_latency(bench: Bench) -> list[Row]:
     return rows
 
 
-# The sections, in order. An IPVS section (run inside the User-mode Linux kernel, against
-# `ipvsadm --restore` of the same configuration) appends itself here when that dataplane lands.
+IPVS_TABLE = "IPVS (User-mode Linux kernel, one boot)"
+BENCH_TMP = ROOT / ".bench-tmp"  # on the host's filesystem: the guest's /tmp is its own tmpfs
+
+
+def ipvs_guest(bench: Bench, p: JSON) -> JSON:
+    """Inside User-mode Linux: the floor, pyproxy, the floor again; each in a fresh namespace.
+
+    The floor's payload is computed before pyproxy runs, and pyproxy's own plan
+    is checked to be the same configuration; the floor runs before and after
+    pyproxy so that drift in this (shared) machine shows, and its median is used.
+    """
+    services = int(p["services"])
+    text = ipvs_expected_restore(services)
+    res: JSON = {"restore_sha": _sha(text), "restore_lines": text.count("\n"), "floors": []}
+    res["versions"] = {"kernel": platform.release(), "ipvsadm": _version(["ipvsadm", "-v"])}
+    _log(f"ipvs: floor, ipvsadm --restore of {text.count(chr(10)):,} lines")
+    res["floors"].append(bench.worker("ipvs-floor", {"text": text, "check": True}))
+    _log(f"ipvs: pyproxy, {services:,} services × {IPVS_ENDPOINTS} endpoints")
+    res["pyproxy"] = bench.worker("ipvs", {"services": services, "changes": p["changes"]})
+    for _ in range(IPVS_FLOORS_AFTER):
+        _log("ipvs: floor again")
+        res["floors"].append(bench.worker("ipvs-floor", {"text": text}))
+    return res
+
+
+def ipvs_guest_main(args: argparse.Namespace) -> int:
+    """``--ipvs-guest DIR``: read DIR/params.json, measure, write DIR/result.json."""
+    exchange = Path(args.ipvs_guest)
+    params: JSON = json.loads((exchange / "params.json").read_text())
+    try:
+        with tempfile.TemporaryDirectory(prefix="pyproxy-bench-") as tmp:
+            bench = Bench(options(args, Path(tmp)))
+            result = ipvs_guest(bench, params)
+        for entry in bench.raw:  # the floor's payload is big, and the same every time
+            if "text" in entry["params"]:
+                entry["params"]["text"] = f"sha256:{_sha(entry['params']['text'])}"
+        result["raw"] = bench.raw
+    except Exception as err:  # reported on the host, with the guest's output
+        import traceback
+
+        result = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+    (exchange / "result.json").write_text(json.dumps(result))
+    return 0 if "error" not in result else 1
+
+
+def ipvs_rows(res: JSON, services: int, wall_s: float) -> list[Row]:
+    """The IPVS table: pyproxy's figures with ``ipvsadm --restore`` of the same servers."""
+    t = IPVS_TABLE
+    py = res["pyproxy"]
+    group = f"{services:,} svc × {IPVS_ENDPOINTS} ep (TCP/UDP ClusterIP + NodePort)"
+    floors = [f["seconds"] for f in res["floors"]]
+    floor = median(floors)
+    full = py["full"]
+    kernel = full["kernel"]
+    zero: JSON = {"seconds": 0.0, "operations": 0, "messages": 0, "sends": 0}
+    ipvs, ipset, rtnl = (kernel.get(k, zero) for k in ("ipvs", "ipset", "rtnl"))
+
+    def row(what: str, value: str, fl: str = "", ratio: str = "", target: str = "",
+            result: str = "") -> Row:
+        return Row(t, group, what, value, fl, ratio, target, result)
+
+    ratio = ratio_of(ipvs["seconds"], floor)
+    rows = [
+        row("model build (API dicts → tracker → snapshot)", fmt_s(py["model_build_s"])),
+        row(f"plan, full ({py['service_ports']:,} service ports)", fmt_s(full["plan_s"])),
+        row(f"full programming: virtual + real servers ({py['virtual_servers']:,} + "
+            f"{py['real_servers']:,}; encode, send, acks: {ipvs['messages']:,} netlink "
+            f"messages in {ipvs['sends']} sends)", fmt_s(ipvs["seconds"]), fmt_s(floor),
+            fmt_ratio(ratio), "≤ 1.0× floor", verdict(ratio, 1.0)),
+        row(f"first full sync, everything ({full['operations']:,} operations; "
+            f"{full['messages']:,} netlink messages in {full['sends']} sends)",
+            fmt_s(full["sync_s"]), fmt_s(floor), fmt_ratio(ratio_of(full["sync_s"], floor))),
+        row("  of which: sysctls, dummy interface, timeouts, node addresses",
+            fmt_s(full["prepare_s"])),
+        row("  of which: reading the kernel's state back (empty namespace)",
+            fmt_s(full["read_s"])),
+        row(f"  of which: {py['addresses']:,} addresses on the dummy interface "
+            f"({rtnl['messages']:,} messages in {rtnl['sends']} sends)", fmt_s(rtnl["seconds"])),
+        row(f"  of which: {py['set_members']:,} members of {py['sets']} ipsets "
+            f"({ipset['messages']:,} messages in {ipset['sends']} sends)",
+            fmt_s(ipset["seconds"])),
+        row(f"  of which: iptables-legacy-save + restore ({full['iptables_lines']} lines)",
+            fmt_s(full["save_s"] + full["restore_s"])),
+    ]
+    changes = py["changes"]
+    if changes:
+        ops = int(median([c["operations"] for c in changes]) or 0)
+        lines = int(median([c["iptables_lines"] for c in changes]) or 0)
+        msgs = median([c["messages"] for c in changes])
+        sends = int(median([c["sends"] for c in changes]) or 0)
+        worst = max(c["messages"] for c in changes)
+        rows.append(row(f"one endpoint changed, partial sync (median of {len(changes)}; "
+                        f"{ops} operations, {lines} iptables lines)",
+                        fmt_s(median([c["total_s"] for c in changes]))))
+        rows.append(row(f"  netlink messages for it (median; {sends} sends; max "
+                        f"{worst}; a full resync here takes {py['resync']['messages']:,})",
+                        f"{msgs:g}", target=f"a handful (≤ {IPVS_HANDFUL})",
+                        result="PASS" if worst <= IPVS_HANDFUL else "MISS"))
+    if py.get("change_error"):
+        rows.append(row(f"one endpoint changed, partial sync: FAILED at change "
+                        f"{len(changes) + 1} ({py['change_error']})", "failed",
+                        target="works", result="MISS"))
+    rs = py["resync"]
+    idle = rs["operations"] == 0 and rs["iptables_lines"] == 0
+    rows.append(row(f"periodic full resync, nothing changed ({rs['operations']} operations, "
+                    f"{rs['iptables_lines']} iptables lines; {rs['messages']:,} netlink messages "
+                    f"in {rs['sends']:,} sends)", fmt_s(rs["total_s"]),
+                    target="0 operations", result="PASS" if idle else "MISS"))
+    same = (py["restore_sha"] == res["restore_sha"] and py["kernel_matches_plan"]
+            and res["floors"][0].get("matches") is True)
+    rows.append(row(f"check: pyproxy's kernel and the floor's hold the same "
+                    f"{res['restore_lines']:,} virtual/real server lines (ipvsadm -Sn)",
+                    "identical" if same else "DIFFERENT",
+                    target="identical", result="PASS" if same else "MISS"))
+    rows.append(row("context: each ipvsadm --restore, in a fresh namespace (the first before "
+                    "pyproxy, the others after)", "", ", ".join(fmt_s(s) for s in floors)))
+    rows.append(row(f"peak RSS (fresh process; {py['rss_baseline_mb']:.0f} MB after imports)",
+                    f"{py['rss_peak_mb']:.0f} MB"))
+    v = res.get("versions", {})
+    rows.append(row(f"context: one boot of linux.uml {v.get('kernel', '?')} ({wall_s:.0f} s in all;"
+                    " system calls cost more there than on the host, so compare only within "
+                    f"this table); {v.get('ipvsadm', '?')}", ""))
+    return rows
+
+
+def section_ipvs(bench: Bench) -> list[Row]:
+    """IPVS inside User-mode Linux: pyproxy against ``ipvsadm --restore``, one boot."""
+    opts = bench.opts
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
+    from uml import UmlError, run_in_uml
+
+    BENCH_TMP.mkdir(exist_ok=True)
+    exchange = Path(tempfile.mkdtemp(prefix="ipvs-", dir=BENCH_TMP))
+    params: JSON = {"services": opts.ipvs_services, "changes": opts.changes}
+    try:
+        (exchange / "params.json").write_text(json.dumps(params))
+        argv = [sys.executable, str(SCRIPT), "--ipvs-guest", str(exchange)]
+        if opts.quick:
+            argv.append("--quick")
+        _log(f"ipvs: booting User-mode Linux for {opts.ipvs_services:,} services")
+        started = time.monotonic()
+        try:
+            code, output = run_in_uml(argv, timeout=opts.ipvs_timeout, mem="1024M")
+        except UmlError as err:
+            _log(f"ipvs: skipped: {err}")
+            return [Row(IPVS_TABLE, "–", f"not measured: {err}", "n/a")]
+        wall = time.monotonic() - started
+        for line in output.splitlines():
+            if line.startswith("[bench "):
+                print(line, file=sys.stderr)
+        result_file = exchange / "result.json"
+        res: JSON = json.loads(result_file.read_text()) if result_file.exists() else {}
+        if code != 0 or "pyproxy" not in res:
+            detail = output[-6000:] + (res.get("traceback") or "")
+            raise RuntimeError(f"IPVS run in User-mode Linux failed (exit {code}):\n{detail}")
+    finally:
+        shutil.rmtree(exchange, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            BENCH_TMP.rmdir()  # only if empty
+    bench.raw.append({"worker": "ipvs (User-mode Linux)", "params": params, "result": res})
+    return ipvs_rows(res, opts.ipvs_services, wall)
+
+
+# The sections, in order. "ipvs" runs inside the User-mode Linux kernel (one boot), against
+# `ipvsadm --restore` of the same configuration in the same boot.
 SECTIONS: list[tuple[str, Callable[[Bench], list[Row]]]] = [
     ("iptables scale", section_iptables_scale),
     ("iptables, one big service", section_iptables_big_service),
     ("network programming latency", section_latency),
+    ("ipvs", section_ipvs),
 ]
 
 
@@ -1059,8 +1472,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--latency-rate", type=float, default=5.0, help="changes per second")
     ap.add_argument("--skip", default="", help="sections to skip, comma-separated: "
                     + ", ".join(name for name, _ in SECTIONS))
+    ap.add_argument("--only", default="", help="run only these sections, comma-separated; a "
+                    "word matches every section whose name starts with it (e.g. ipvs, iptables)")
+    ap.add_argument("--ipvs", action=argparse.BooleanOptionalAction, default=True,
+                    help="the IPVS section, in User-mode Linux (--no-ipvs: as --skip ipvs)")
+    ap.add_argument("--ipvs-services", type=int, default=None,
+                    help="services in the IPVS cluster (default 1000; 200 with --quick)")
     ap.add_argument("--json", dest="json_file", default=None, help="write raw results here")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--ipvs-guest", metavar="DIR", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -1069,6 +1489,9 @@ def options(args: argparse.Namespace, workdir: Path) -> Options:
                   .split(","))
     if any(not 0 < s <= MAX_SERVICES for s in sizes):
         raise SystemExit(f"--sizes: each size must be 1..{MAX_SERVICES}")
+    ipvs_services = args.ipvs_services or (200 if args.quick else 1000)
+    if not 0 < ipvs_services <= IPVS_MAX_SERVICES:
+        raise SystemExit(f"--ipvs-services must be 1..{IPVS_MAX_SERVICES}")
     return Options(
         quick=args.quick,
         backends=("legacy", "nft") if args.backend == "both" else (args.backend,),
@@ -1084,6 +1507,8 @@ def options(args: argparse.Namespace, workdir: Path) -> Options:
         sync_period=30.0,
         single_floor_timeout=30.0 if args.quick else 120.0,
         workdir=workdir,
+        ipvs_services=ipvs_services,
+        ipvs_timeout=600.0 if args.quick else 1800.0,
     )
 
 
@@ -1094,7 +1519,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if os.geteuid() != 0:
         raise SystemExit("bench.py needs root (it creates network namespaces)")
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.ipvs_guest:
+        return ipvs_guest_main(args)
+    skip = selected_out(args)
     started, load_start = time.monotonic(), _load()
     info = machine_info()
     rows: list[Row] = []
@@ -1115,6 +1542,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             "load_start": load_start, "load_end": load_end, "elapsed_s": elapsed,
             "rows": [asdict(r) for r in rows], "raw": bench.raw}, indent=1))
     return 0
+
+
+def selected_out(args: argparse.Namespace) -> set[str]:
+    """The names of the sections not to run, from --skip, --only and --no-ipvs."""
+    names = [name for name, _ in SECTIONS]
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if not args.ipvs:
+        skip.add("ipvs")
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if only:
+        unknown = [w for w in only if not any(n.startswith(w) for n in names)]
+        if unknown:
+            raise SystemExit(f"--only: no section starts with {', '.join(unknown)} "
+                             f"(sections: {'; '.join(names)})")
+        skip |= {n for n in names if not any(n.startswith(w) for w in only)}
+    return skip
 
 
 def render_report(info: JSON, opts: Options, rows: Sequence[Row], load_start: str,

@@ -426,10 +426,13 @@ def apply_to(state: KernelState, ops: Iterable[Operation]) -> KernelState:
                 sets.setdefault(name, (set_type, v6, set()))
             case DestroySet(name):
                 sets.pop(name, None)
+            # A scoped (partial) read holds no ipsets: members are written blind there.
             case AddMember(name, entry):
-                sets[name][2].add(entry)
+                if name in sets:
+                    sets[name][2].add(entry)
             case DelMember(name, entry):
-                sets[name][2].discard(entry)
+                if name in sets:
+                    sets[name][2].discard(entry)
             case AddAddress(address):
                 addresses.add(address)
             case DelAddress(address):

@@ -167,3 +167,84 @@ def test_a_full_sync_between_write_and_apply_is_noticed() -> None:
     assert bench.waited_on_full([early, full, late], 1.5, late)
     assert not bench.waited_on_full([early, full, late], 1.5 - 1.0, early)
     assert not bench.waited_on_full([full, late, (6.0, 6.1, False, 1)], 5.5, (6.0, 6.1, False, 1))
+
+
+# -- the IPVS section's pure parts ---------------------------------------------------------
+
+
+def test_ipvs_services_are_what_ipvsadm_expresses_and_changes_hit_plain_cluster_ips() -> None:
+    indices = bench.ipvs_service_indices(1000)
+    assert len(indices) == len(set(indices)) == 1000
+    assert {bench.kind_of(i) for i in indices} == bench.IPVS_KINDS
+    targets = bench.ipvs_change_targets(indices, 5)
+    assert len(set(targets)) == 5
+    assert all(i in indices and bench.kind_of(i) == "clusterip" for i in targets)
+    with pytest.raises(ValueError):
+        bench.ipvs_service_indices(bench.MAX_SERVICES)
+
+
+def test_the_floor_payload_is_describes_ipvsadm_part_of_the_same_plan() -> None:
+    text = bench.ipvs_expected_restore(100)
+    lines = text.splitlines()
+    assert lines and all(line.startswith(("-A ", "-a ")) for line in lines)
+    assert not any("#" in line for line in lines)  # ipvsadm --restore takes no comments
+    node_ports = [line for line in lines if line.startswith("-A") and bench.NODE_IP in line]
+    assert node_ports  # NodePorts listen on the node's address
+    assert any(" -p 10800" in line for line in lines)  # affinity: persistence
+    assert any(line.startswith("-A -u ") for line in lines)
+    assert bench.ipvsadm_lines("-A  -t 1.2.3.4:80 -s rr \n\n-a -t x") == [
+        "-A -t 1.2.3.4:80 -s rr", "-a -t x"]
+    part = bench.ipvsadm_part("# IPVS virtual and real servers (x)\n-A a\n-a b\n# next\nzz\n")
+    assert part == "-A a\n-a b\n"
+
+
+def test_only_and_no_ipvs_select_sections() -> None:
+    names = {name for name, _ in bench.SECTIONS}
+    assert "ipvs" in names
+    assert bench.selected_out(bench.parse_args(["--only", "ipvs"])) == names - {"ipvs"}
+    assert bench.selected_out(bench.parse_args(["--no-ipvs"])) == {"ipvs"}
+    iptables_only = bench.selected_out(bench.parse_args(["--only", "iptables"]))
+    assert "ipvs" in iptables_only and "iptables scale" not in iptables_only
+    with pytest.raises(SystemExit):
+        bench.selected_out(bench.parse_args(["--only", "nosuch"]))
+
+
+def _ipvs_result(change_messages: int, resync_ops: int) -> dict[str, object]:
+    kernel = {k: {"seconds": 0.02, "operations": 10, "messages": 10, "sends": 1, "recvs": 1}
+              for k in ("ipvs", "ipset", "rtnl")}
+    full = {"sync_s": 0.6, "plan_s": 0.02, "prepare_s": 0.03, "read_s": 0.01, "operations": 30,
+            "messages": 30, "sends": 3, "kernel": kernel, "iptables_lines": 35, "save_s": 0.2,
+            "restore_s": 0.3}
+    change = {"total_s": 0.04, "operations": 4, "iptables_lines": 0,
+              "messages": change_messages, "sends": 5}
+    resync = {"total_s": 0.5, "operations": resync_ops, "iptables_lines": 0, "messages": 260,
+              "sends": 260}
+    return {"restore_sha": "s", "restore_lines": 880, "versions": {},
+            "floors": [{"seconds": 0.2, "matches": True}, {"seconds": 0.1}, {"seconds": 0.3}],
+            "pyproxy": {"model_build_s": 0.05, "service_ports": 210, "full": full,
+                        "virtual_servers": 234, "real_servers": 646, "addresses": 200,
+                        "set_members": 1026, "sets": 5, "changes": [change] * 3,
+                        "resync": resync, "restore_sha": "s", "kernel_matches_plan": True,
+                        "rss_baseline_mb": 40.0, "rss_peak_mb": 46.0}}
+
+
+def test_ipvs_rows_compare_with_the_median_floor_and_check_the_targets() -> None:
+    rows = bench.ipvs_rows(_ipvs_result(6, 0), 200, 9.0)
+    assert {r.table for r in rows} == {bench.IPVS_TABLE}
+    by_target = {r.target: r for r in rows if r.target}
+    full = by_target["≤ 1.0× floor"]
+    assert (full.value, full.floor, full.ratio, full.result) == ("20.0 ms", "200.0 ms",
+                                                                 "0.10×", "PASS")
+    assert by_target["a handful (≤ 10)"].result == "PASS"
+    assert by_target["0 operations"].result == "PASS"
+    assert by_target["identical"].result == "PASS"
+    assert "| 200 svc × 3 ep" in bench.format_tables(rows)
+    worse = bench.ipvs_rows(_ipvs_result(40, 3), 200, 9.0)
+    results = {r.target: r.result for r in worse if r.target}
+    assert results["a handful (≤ 10)"] == results["0 operations"] == "MISS"
+    failed = _ipvs_result(6, 0)
+    py = failed["pyproxy"]
+    assert isinstance(py, dict)
+    py["changes"], py["change_error"] = [], "KeyError: 'PYPROXY-LOOP-BACK'"
+    broken = [r for r in bench.ipvs_rows(failed, 200, 9.0) if "FAILED" in r.what]
+    assert len(broken) == 1 and broken[0].result == "MISS" and "KeyError" in broken[0].what

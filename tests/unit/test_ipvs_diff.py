@@ -399,6 +399,13 @@ def test_scoped_diff_touches_only_the_scope() -> None:
     ]))
     # the same result as a full diff
     assert sorted(map(str, diff(after, full))) == sorted(map(str, ops))
+    # and the dataplane's bookkeeping after a partial sync works on the scoped state
+    # (it once raised KeyError: set members are written blind there)
+    assert pending(after, apply_to(partial, ops)) == frozenset()
+    back = Scope.between(after, plan_of())
+    adds = diff(plan_of(), KernelState({}, scope=back))
+    assert any(isinstance(op, AddMember) for op in adds)
+    apply_to(KernelState({}, scope=back), adds)
 
 
 def test_scoped_diff_of_a_new_service() -> None:
