@@ -14,9 +14,10 @@ or, from Python, ``run_in_uml(argv, timeout=...) -> (exit code, output)``.
 
 One run works like this. A fresh temporary directory holds a generated init
 script, the command's output file and a few small bookkeeping files. The kernel
-runs that script as PID 1; it mounts /proc, /sys and tmpfs on /run, /dev/shm
-and /tmp (so ``ip netns``, the xtables lock and the tests' temporary files stay
-inside the guest and never reach the host's directories through hostfs), loads
+runs that script as PID 1; it mounts /proc, /sys and tmpfs on /run and /dev/shm,
+and points TMPDIR at /run/tmp (so ``ip netns``, the xtables lock and the tests'
+temporary files stay inside the guest and never reach the host's directories
+through hostfs; /tmp itself stays the host's, where a CI clone may live), loads
 the modules the IPVS tests need, runs the command with its output appended to a
 file on the host filesystem, records the exit code in another such file and
 halts. The host copies the output to the terminal while it grows, waits (never
@@ -201,9 +202,10 @@ def _init_script(
 ) -> str:
     """The shell script the guest kernel runs as PID 1.
 
-    Every file it writes on the host is opened before /tmp is covered by a tmpfs
-    (the run directory may well live under /tmp); the open descriptors keep
-    working afterwards. The command's own environment is exactly ``env``:
+    The host's /tmp stays visible (the repository itself may live there, as in
+    a CI clone); the command's temporary files go to a tmpfs instead
+    (TMPDIR=/run/tmp), so they never travel through hostfs. The command's own
+    environment is exactly ``env`` plus TMPDIR:
     ``env -i`` drops what the kernel hands to init (TERM, HOME and any unknown
     boot parameters).
     """
@@ -233,10 +235,10 @@ if ! modprobe -a -d {q(str(modroot))} {mods} 2>/dev/null; then
         modprobe -d {q(str(modroot))} "$m" 2>&5 || echo "uml: could not load $m" >&5
     done
 fi
-mount -t tmpfs -o mode=1777 tmpfs /tmp 2>&5
+mkdir -p /run/tmp && chmod 1777 /run/tmp
 stamp ready
 if cd {q(str(cwd))}; then
-    env -i {env_words} timeout -k 10 {limit} {shlex.join(argv)} \\
+    env -i TMPDIR=/run/tmp {env_words} timeout -k 10 {limit} {shlex.join(argv)} \\
         </dev/null >&3 2>&3 3>&- 4>&- 5>&- 6>&-
     rc=$?
 else
