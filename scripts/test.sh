@@ -16,6 +16,6 @@ echo "== lint: ruff"
 echo "== types: mypy"
 .venv/bin/mypy
 echo "== tests"
-.venv/bin/pytest -q -p no:cacheprovider "$@"
+.venv/bin/pytest -q -p no:cacheprovider --ignore=tests/ipvs "$@"
 echo "== IPVS tests (inside the User-mode Linux test kernel: the host kernel has no IPVS)"
 python3 scripts/uml.py run --timeout 900 -- .venv/bin/pytest -q -p no:cacheprovider tests/ipvs
