@@ -147,7 +147,7 @@ class Endpoint:
         return self.address
 
 
-@functools.lru_cache(maxsize=1 << 17)
+@functools.lru_cache(maxsize=1 << 13)
 def _address(ip: IPAddress, port: int) -> str:
     # Memoized: planners spell every endpoint several times per sync.
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"

@@ -131,7 +131,7 @@ def _hash(*parts: str) -> str:
     return "".join(_B32_PAIRS[(n >> shift) & 1023] for shift in (70, 60, 50, 40, 30, 20, 10, 0))
 
 
-@functools.lru_cache(maxsize=1 << 18)
+@functools.lru_cache(maxsize=1 << 13)  # the SEP name is asked for twice in a row
 def chain_name(kind: str, name: ServicePortName, endpoint: str = "") -> str:
     """Stable chain name: kube-proxy's hash of the port's identity (and endpoint).
 
@@ -143,7 +143,7 @@ def chain_name(kind: str, name: ServicePortName, endpoint: str = "") -> str:
 
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=1 << 12)
 def _cidr(addr: IPAddress | IPNetwork) -> str:
     """Addresses and networks as iptables-save prints them (always with a prefix length)."""
     if isinstance(addr, ipaddress.IPv4Address | ipaddress.IPv6Address):
