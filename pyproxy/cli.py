@@ -6,6 +6,7 @@ document or flag stops the start with a message naming the field.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -30,16 +31,32 @@ from pyproxy.agent import (
     plan_context,
 )
 from pyproxy.config import ConfigError, ProxyConfig, ProxyMode, load_config, load_config_file
+from pyproxy.introspect import (
+    TraceInputs,
+    from_iptables_plan,
+    from_ipvs_plan,
+    from_kernel_iptables,
+    from_kernel_ipvs,
+    iptables_diff,
+    ipvs_diff,
+    namespace_addresses,
+    run_trace,
+    trace_header,
+    trace_json,
+)
 from pyproxy.iptables.plan import PlanContext, Planner
 from pyproxy.iptables.restore import Backend, IPTables, IPTablesError, detect_backend
-from pyproxy.iptables.ruleset import Ruleset, render
+from pyproxy.iptables.ruleset import Ruleset, parse_save, render
 from pyproxy.iptables.sync import IPTablesDataplane
+from pyproxy.iptables.trace import Packet, TraceError, format_trace
+from pyproxy.ipvs.diff import diff as ipvs_diff_ops
 from pyproxy.ipvs.netlink import IPVSKernel
-from pyproxy.ipvs.plan import DUMMY_INTERFACE, describe
+from pyproxy.ipvs.plan import DUMMY_INTERFACE, describe, node_port_addresses
 from pyproxy.ipvs.plan import plan as ipvs_plan
+from pyproxy.migrate import KUBE_PROXY_DUMMY, cleanup_kube_proxy
 from pyproxy.model import InvalidObject, IPFamily, NodeInfo, parse_node
 from pyproxy.sources import files, kube
-from pyproxy.tracker import ChangeTracker, report_invalid
+from pyproxy.tracker import ChangeTracker, Snapshot, report_invalid
 
 log = logging.getLogger("pyproxy")
 
@@ -253,18 +270,32 @@ def _watch_manifests(agent: Agent, settings: Settings) -> None:
         agent.reconciler.changed()
 
 
+_BACKEND_OPTION = click.option(
+    "--iptables-backend", type=click.Choice(["auto", "legacy", "nft"]), default="auto",
+    show_default=True, help="Which iptables backend to read (default: the host's).")
+
+
 @main.command()
 @_common
-def plan(**kw: Any) -> None:
+@_BACKEND_OPTION
+@click.option("--diff", "show_diff", is_flag=True,
+              help="Show what a full sync would change against what the kernel holds now "
+                   "(no output when in sync); touch nothing.")
+def plan(iptables_backend: str, show_diff: bool, **kw: Any) -> None:
     """Print what a full sync would program (iptables rules; in IPVS mode also virtual
     servers, addresses and ipsets); touch nothing."""
-    settings = _settings(**kw)
+    settings = _settings(backend=iptables_backend, **kw)
     if not settings.manifests:
         raise click.UsageError("--manifests DIR is required")
     tracker = ChangeTracker(settings.node_name, IPFamily.IPv4)
     manifests = _load(settings, tracker)
     snapshot = tracker.checkout()
     node = _node_info(settings, manifests)
+    if show_diff:
+        lines = _plan_diff(settings, snapshot, node)
+        if lines:
+            click.echo("\n".join(lines))
+        return
     if settings.config.mode is ProxyMode.IPVS:
         # NodePorts listen on the node's addresses, as the Node object gives them here.
         ctx = replace(ipvs_context(settings.config, node), node_port_addresses=node.addresses)
@@ -278,11 +309,129 @@ def plan(**kw: Any) -> None:
     click.echo(render(planned.ruleset, Ruleset(), only=None).text, nl=False)
 
 
+def _plan_diff(settings: Settings, snapshot: Snapshot, node: NodeInfo) -> list[str]:
+    """The changes a full sync would make here, as the dataplanes compute them."""
+    try:
+        ipt = _iptables(settings.backend)
+        existing = parse_save(ipt.save())
+        if settings.config.mode is not ProxyMode.IPVS:
+            planned = Planner(plan_context(settings.config, node)).plan(
+                snapshot.services, snapshot.endpoints)
+            return iptables_diff(planned.ruleset, existing)
+        with IPVSKernel(exclude_cidrs=settings.config.ipvs.exclude_cidrs) as kernel:
+            # Where NodePorts listen is read from the kernel, as the IPVS dataplane does.
+            addresses = node_port_addresses(kernel.local_addresses())
+            kernel.set_node_port_addresses(str(a) for a in addresses)
+            ctx = replace(ipvs_context(settings.config, node), node_port_addresses=addresses)
+            desired = ipvs_plan(snapshot.services, snapshot.endpoints, ctx)
+            ops = ipvs_diff_ops(desired, kernel.read(), ipv6=False)
+        return ipvs_diff(ops, desired.ruleset, existing)
+    except (IPTablesError, OSError) as err:
+        raise click.ClickException(f"could not read the kernel's state: {err}") from err
+
+
+@main.command("trace")
+@_common
+@_BACKEND_OPTION
+@click.option("--src", required=True, metavar="IP", help="The packet's source address.")
+@click.option("--dst", required=True, metavar="IP:PORT",
+              help="The packet's destination (IPv6 as [ADDR]:PORT).")
+@click.option("--proto", type=click.Choice(["tcp", "udp", "sctp"]), default="tcp",
+              show_default=True)
+@click.option("--from-node/--from-outside", "from_node", default=None,
+              help="Sent by the node itself (nat OUTPUT) or arriving from outside "
+                   "(nat PREROUTING); default: from the node if --src is one of its addresses.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def trace_command(iptables_backend: str, src: str, dst: str, proto: str,
+                  from_node: bool | None, as_json: bool, **kw: Any) -> None:
+    """Follow one packet through pyproxy's rules: as planned from --manifests, or as
+    programmed in this network namespace (iptables-save, and in IPVS mode the IPVS table
+    and ipsets). Shows the chains it traverses, whether it is masqueraded, the endpoints
+    it can reach (with probabilities), or the rule that rejects or drops it."""
+    mode_given = kw.get("mode") is not None or kw.get("config_file") is not None
+    settings = _settings(backend=iptables_backend, **kw)
+    try:
+        packet = Packet(src, *_host_port(dst), protocol=proto)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    if settings.manifests:
+        inputs = _planned_trace_inputs(settings)
+    else:
+        ipvs = settings.config.mode is ProxyMode.IPVS if mode_given else os.path.exists(
+            f"/sys/class/net/{DUMMY_INTERFACE}")
+        inputs = _kernel_trace_inputs(settings, ipvs, ipv6=":" in packet.dst)
+    try:
+        result, from_node = run_trace(inputs, packet, from_node)
+    except TraceError as err:
+        raise click.ClickException(f"cannot trace: {err}") from err
+    if as_json:
+        click.echo(json.dumps(trace_json(inputs, packet, from_node, result), indent=2))
+        return
+    click.echo(trace_header(inputs, packet, from_node) + format_trace(result), nl=False)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.UsageError(f"--dst: expected IP:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _planned_trace_inputs(settings: Settings) -> TraceInputs:
+    tracker = ChangeTracker(settings.node_name, IPFamily.IPv4)
+    manifests = _load(settings, tracker)
+    snapshot = tracker.checkout()
+    node = _node_info(settings, manifests)
+    if settings.config.mode is ProxyMode.IPVS:
+        ctx = replace(ipvs_context(settings.config, node), node_port_addresses=node.addresses)
+        return from_ipvs_plan(ipvs_plan(snapshot.services, snapshot.endpoints, ctx), node)
+    planned = Planner(plan_context(settings.config, node)).plan(
+        snapshot.services, snapshot.endpoints)
+    return from_iptables_plan(planned, node)
+
+
+def _kernel_trace_inputs(settings: Settings, ipvs: bool, ipv6: bool = False) -> TraceInputs:
+    try:
+        ipt = replace(_iptables(settings.backend), ipv6=ipv6)
+        source = f"kernel ({'ip6' if ipv6 else 'ip'}tables-{ipt.backend}" \
+                 f"{', IPVS' if ipvs else ''})"
+        saved = parse_save(ipt.save())
+        local = namespace_addresses()
+        if not ipvs:
+            return from_kernel_iptables(saved, local, source)
+        with IPVSKernel(exclude_cidrs=settings.config.ipvs.exclude_cidrs) as kernel:
+            kernel.set_node_port_addresses(
+                str(a) for a in node_port_addresses(kernel.local_addresses()))
+            state = kernel.read()
+        return from_kernel_ipvs(saved, state, local, source)
+    except (IPTablesError, OSError) as err:
+        raise click.ClickException(f"could not read the kernel's state: {err}") from err
+
+
 @main.command()
+@click.option("--kube-proxy", "kube_proxy", is_flag=True,
+              help="Remove an upstream kube-proxy's leftovers instead (its KUBE-* chains and "
+                   "jumps; kube-ipvs0, its IPVS services and KUBE-* ipsets), nothing else.")
 @click.option("-v", "--verbose", is_flag=True)
-def cleanup(verbose: bool) -> None:
-    """Remove every chain and rule pyproxy owns in this network namespace, nothing else."""
+def cleanup(kube_proxy: bool, verbose: bool) -> None:
+    """Remove every chain and rule pyproxy owns in this network namespace (with
+    --kube-proxy: everything an upstream kube-proxy left instead), nothing else."""
     logs.setup(verbose)
+    if kube_proxy:
+        report = cleanup_kube_proxy()
+        for tool, lines in sorted(report.iptables_lines.items()):
+            click.echo(f"{tool}: removed kube-proxy's chains and jumps ({lines} restore lines)")
+        for key in report.virtual_servers:
+            click.echo(f"ipvs: removed virtual server {key}")
+        for name in report.ipsets:
+            click.echo(f"ipset: destroyed {name}")
+        if report.dummy_removed:
+            click.echo(f"link: deleted {KUBE_PROXY_DUMMY}")
+        for error in report.errors:
+            click.echo(f"error: {error}", err=True)
+        if report.errors:
+            sys.exit(1)
+        return
     failed = False
     for backend in Backend:
         ipt = IPTables(backend)

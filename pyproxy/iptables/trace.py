@@ -555,9 +555,9 @@ class _Path:
             return None
         key = (self.proto, str(self.dst), self.dport)
         vs = self.ipvs.get(key)
-        name = f"ipvs/{_endpoint(self.dst, self.dport)}/{self.proto}"
         if vs is None:
             return None
+        name = f"ipvs/{self.proto}/{_endpoint(self.dst, self.dport)}"
         self.chains.setdefault(name, None)
         if vs.persistence_timeout:
             self.sticky = True

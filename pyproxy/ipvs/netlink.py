@@ -116,6 +116,9 @@ IFA_F_PERMANENT = 0x80
 RT_SCOPE_LINK = 253
 
 
+KUBE_PROXY_DUMMY = "kube-ipvs0"
+
+
 class IPVSApplyError(RuntimeError):
     """Some operations failed; the others were carried out. The next sync should be full."""
 
@@ -305,11 +308,13 @@ class IPVSKernel:
         return out
 
     def local_addresses(self) -> list[str]:
-        """Every address of this network namespace except those on the dummy interface."""
-        index = self._link_index()
+        """Every address of this namespace except service addresses: those on the dummy
+        interface, and on kube-proxy's kube-ipvs0 while a migration leaves it behind
+        (they are VIPs, not the node's addresses, and must get no NodePort servers)."""
+        skip = {self._link_index(), self._link_index(KUBE_PROXY_DUMMY)} - {None}
         out = set()
         for answer in self._rtnl.dump(address_request(RTM_GETADDR, [])):
-            if index is not None and answer.fields["index"] == index:
+            if answer.fields["index"] in skip:
                 continue
             address = answer.get("IFA_LOCAL") or answer.get("IFA_ADDRESS")
             if address:
@@ -318,16 +323,21 @@ class IPVSKernel:
 
     # -- the dummy interface ------------------------------------------------------
 
-    def _link_index(self) -> int | None:
+    def _link_index(self, name: str | None = None) -> int | None:
+        """The index of the dummy interface (or of another interface, by ``name``)."""
         msg = ifinfmsg()
         msg["header"]["type"] = RTM_GETLINK
-        msg["attrs"] = [("IFLA_IFNAME", self.dummy)]
+        msg["attrs"] = [("IFLA_IFNAME", name or self.dummy)]
         (answer,) = self._rtnl.query([msg])
+        ours = name is None or name == self.dummy
         if isinstance(answer, NetlinkError):
             if answer.code in (errno.ENODEV, errno.ENOENT):
-                self._dummy_index = None
+                if ours:
+                    self._dummy_index = None
                 return None
             raise answer
+        if not ours:
+            return int(answer["index"])
         self._dummy_index = int(answer["index"])
         return self._dummy_index
 
