@@ -22,9 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from kubernetes import client
+from typing import TYPE_CHECKING, Any
 
 from pyproxy import serve
 from pyproxy.config import (
@@ -42,9 +40,15 @@ from pyproxy.ipvs.plan import DEFAULT_SCHEDULER, IPVSContext
 from pyproxy.ipvs.sync import IPVSDataplane
 from pyproxy.model import InvalidObject, IPFamily, IPNetwork, NodeInfo, parse_node
 from pyproxy.reconciler import QuietObserver, Reconciler
-from pyproxy.sources import kube
 from pyproxy.state import FailureInfo, SyncInfo, build_state, virtual_servers_by_service
 from pyproxy.tracker import ChangeTracker, report_invalid
+
+if TYPE_CHECKING:
+    # The kubernetes client takes seconds to import on a slow machine; a run from
+    # manifests never needs it, so it is imported where the API is used.
+    from kubernetes import client
+
+    from pyproxy.sources import kube
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +329,10 @@ class Agent:
 
     def informers(self, api: client.ApiClient,
                   config_map: tuple[str, str] | None = None) -> list[kube.Informer]:
+        from kubernetes import client
+
+        from pyproxy.sources import kube
+
         core = client.CoreV1Api(api)
         discovery = client.DiscoveryV1Api(api)
         selector = kube.proxy_label_selector(self.config.service_proxy_name)
@@ -372,6 +380,8 @@ class Agent:
 
     def run(self, informers: list[kube.Informer]) -> None:
         if informers:
+            from pyproxy.sources import kube
+
             self.reconciler.ready = kube.all_synced(informers[:2])
         for informer in informers:
             informer.start(self.stop)

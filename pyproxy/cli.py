@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import tenacity
@@ -55,8 +55,11 @@ from pyproxy.ipvs.plan import DUMMY_INTERFACE, describe, node_port_addresses
 from pyproxy.ipvs.plan import plan as ipvs_plan
 from pyproxy.migrate import KUBE_PROXY_DUMMY, cleanup_kube_proxy
 from pyproxy.model import InvalidObject, IPFamily, NodeInfo, parse_node
-from pyproxy.sources import files, kube
+from pyproxy.sources import files
 from pyproxy.tracker import ChangeTracker, Snapshot, report_invalid
+
+if TYPE_CHECKING:
+    from pyproxy.sources import kube
 
 log = logging.getLogger("pyproxy")
 
@@ -193,6 +196,8 @@ def run(iptables_backend: str, kubeconfig: str | None, config_configmap: str | N
     api = None
     if not kw.get("manifests"):
         logs.setup(bool(kw.get("verbose")))
+        from pyproxy.sources import kube  # the kubernetes client is slow to import
+
         api = kube.api_client(kubeconfig)
         if config_configmap:
             kw["config_text"] = _read_config_map(api, config_configmap)

@@ -84,7 +84,7 @@ MODULES = (
     "nf_conntrack", "nf_nat", "nf_conntrack_netlink", "nfnetlink",
     "ip_tables", "iptable_nat", "iptable_filter", "ipt_REJECT",
     "xt_comment", "xt_mark", "xt_MASQUERADE", "xt_statistic", "xt_conntrack",
-    "xt_addrtype", "xt_set", "xt_tcpudp", "xt_multiport",
+    "xt_addrtype", "xt_set", "xt_tcpudp", "xt_multiport", "xt_nat", "xt_recent",
     "veth", "dummy",
     "ip_set", "ip_set_hash_ip", "ip_set_hash_ipport", "ip_set_hash_ipportip",
     "ip_set_hash_ipportnet", "ip_set_hash_net", "ip_set_bitmap_port",
