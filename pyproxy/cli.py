@@ -50,10 +50,10 @@ from pyproxy.iptables.ruleset import Ruleset, parse_save, render
 from pyproxy.iptables.sync import IPTablesDataplane
 from pyproxy.iptables.trace import Packet, TraceError, format_trace
 from pyproxy.ipvs.diff import diff as ipvs_diff_ops
-from pyproxy.ipvs.netlink import IPVSKernel
+from pyproxy.ipvs.netlink import KUBE_PROXY_DUMMY, IPVSKernel
 from pyproxy.ipvs.plan import DUMMY_INTERFACE, describe, node_port_addresses
 from pyproxy.ipvs.plan import plan as ipvs_plan
-from pyproxy.migrate import KUBE_PROXY_DUMMY, cleanup_kube_proxy
+from pyproxy.migrate import cleanup_kube_proxy
 from pyproxy.model import InvalidObject, IPFamily, NodeInfo, parse_node
 from pyproxy.sources import files
 from pyproxy.tracker import ChangeTracker, Snapshot, report_invalid

@@ -31,15 +31,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from pyproxy.iptables.restore import Backend, IPTables, IPTablesError
-from pyproxy.iptables.ruleset import KUBE_PROXY_CHAINS, RestorePayload
+from pyproxy.iptables.ruleset import KUBE_PROXY_CHAINS, RestorePayload, Tables, parse_tables
 from pyproxy.ipvs.diff import DelService, KernelSet, Operation
-from pyproxy.ipvs.netlink import IPVSKernel
+from pyproxy.ipvs.netlink import KUBE_PROXY_DUMMY, IPVSKernel
 from pyproxy.ipvs.plan import DUMMY_INTERFACE, IPSet, VirtualServerKey
 from pyproxy.model import Protocol
 
 log = logging.getLogger(__name__)
 
-KUBE_PROXY_DUMMY = "kube-ipvs0"
 # Chain names and prefixes: upstream's list (ruleset.KUBE_PROXY_CHAINS) plus the IPVS
 # mode's source-ranges firewall chain (pkg/proxy/ipvs/proxier.go).
 CHAIN_PREFIXES = (*KUBE_PROXY_CHAINS, "KUBE-SOURCE-RANGES-FIREWALL")
@@ -63,29 +62,6 @@ def is_kube_proxy_chain(name: str) -> bool:
 # -------------------------------------------------------------------------- iptables
 
 
-Tables = dict[str, dict[str, list[str]]]  # table -> chain -> rules (text after -A CHAIN)
-
-
-def parse_tables(text: str) -> Tables:
-    """iptables-save output, every table (unlike ruleset.parse_save: filter and nat only)."""
-    tables: Tables = {}
-    current: dict[str, list[str]] | None = None
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("*"):
-            current = tables.setdefault(line[1:], {})
-        elif current is None:
-            continue
-        elif line.startswith(":"):
-            current.setdefault(line[1:].split()[0], [])
-        elif line.startswith("-A "):
-            _, chain, *rest = line.split(" ", 2)
-            current.setdefault(chain, []).append(rest[0] if rest else "")
-        elif line == "COMMIT":
-            current = None
-    return tables
 
 
 def _target(rule: str) -> str | None:

@@ -109,24 +109,19 @@ class Ruleset:
                     yield table, chain, rule
 
 
-def parse_save(text: str) -> Ruleset:
-    """Parse iptables-save output into a Ruleset (all chains, built-in included)."""
-    rs = Ruleset()
+Tables = dict[str, dict[str, list[str]]]  # table -> chain -> rules (text after -A CHAIN)
+
+
+def parse_tables(text: str) -> Tables:
+    """iptables-save output, every table it holds (mangle and raw included)."""
+    tables: Tables = {}
     current: dict[str, list[str]] | None = None
-    table: Table | None = None
-    building: dict[Table, dict[str, list[str]]] = {}
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         if line.startswith("*"):
-            try:
-                table = Table(line[1:])
-            except ValueError:
-                table = None  # mangle, raw, security: not ours, not read
-                current = None
-                continue
-            current = building.setdefault(table, {})
+            current = tables.setdefault(line[1:], {})
         elif current is None:
             continue
         elif line.startswith(":"):
@@ -136,8 +131,15 @@ def parse_save(text: str) -> Ruleset:
             current.setdefault(chain, []).append(rest[0] if rest else "")
         elif line == "COMMIT":
             current = None
-    for tbl, chains in building.items():
-        rs.chains[tbl] = {name: tuple(rules) for name, rules in chains.items()}
+    return tables
+
+
+def parse_save(text: str) -> Ruleset:
+    """iptables-save output as a Ruleset: filter and nat, built-in chains included."""
+    rs = Ruleset()
+    for name, chains in parse_tables(text).items():
+        if name in (Table.FILTER, Table.NAT):
+            rs.chains[Table(name)] = {c: tuple(rules) for c, rules in chains.items()}
     return rs
 
 

@@ -24,7 +24,7 @@ from click.testing import CliRunner, Result
 from pyproxy import cli
 from pyproxy.iptables.plan import PlanContext, Planner
 from pyproxy.iptables.restore import Backend, IPTables
-from pyproxy.iptables.ruleset import Ruleset, Table, parse_save, render
+from pyproxy.iptables.ruleset import Ruleset, Table, parse_save, parse_tables, render
 from pyproxy.ipvs.diff import KernelRealServer, KernelSet, KernelState, KernelVirtualServer
 from pyproxy.ipvs.plan import SET_TYPES, IPVSContext, IPVSPlan, SetEntry, VirtualServerKey
 from pyproxy.ipvs.plan import plan as ipvs_plan
@@ -33,7 +33,6 @@ from pyproxy.migrate import (
     cleanup_iptables,
     is_kube_proxy_chain,
     kube_proxy_node_ports,
-    parse_tables,
     render_kube_proxy_cleanup,
 )
 from pyproxy.model import NodeInfo, Protocol
