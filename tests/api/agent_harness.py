@@ -20,10 +20,8 @@ import re
 import signal
 import socket
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
@@ -36,7 +34,7 @@ from pyproxy.iptables.ruleset import (
     render_cleanup,
 )
 from tests.api.server import FakeKubeAPI, in_netns
-from tests.kernel.lab import PYPROXY
+from tests.kernel.lab import PYPROXY, wait_for
 
 NODE = "node-a"
 NS = "t"
@@ -51,7 +49,6 @@ SELECTOR = "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
 
-T = TypeVar("T")
 Owned = dict[str, dict[str, tuple[str, ...]]]  # table -> owned chain -> rules
 
 
@@ -159,20 +156,6 @@ def matches_proxy_selector(obj: dict[str, Any], proxy_name: str | None = None) -
 
 
 # -- polling ---------------------------------------------------------------------------------
-
-
-def wait_for(predicate: Callable[[], T | None], timeout: float,
-             what: str | Callable[[], str], interval: float = 0.05) -> T:
-    """Poll until ``predicate`` returns something truthy; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            text = what() if callable(what) else what
-            raise AssertionError(f"timed out after {timeout} s waiting for {text}")
-        time.sleep(interval)
 
 
 # -- iptables ----------------------------------------------------------------------------------

@@ -38,17 +38,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
 
 from tests.api.server import in_netns
 from tests.kernel import cluster
-from tests.kernel.lab import PYPROXY, netlab
+from tests.kernel.lab import PYPROXY, netlab, wait_for
 from tests.kernel.scenarios import NODE_IP, PODS, Cluster, pods_of
-
-T = TypeVar("T")
 
 CLUSTER_CIDR = "198.18.1.0/24"
 POD_GATEWAY = "198.18.0.1"  # also a local address of the node: NodePorts listen there too
@@ -106,19 +104,6 @@ def sync(k: Cluster, objs: list[dict[str, Any]] | None = None, *,
     extra = ("--config", str(config)) if config is not None else ()
     return k.pyproxy("run", "--manifests", str(k.manifests), "--hostname-override",
                      cluster.NODE, "--cluster-cidr", CLUSTER_CIDR, "--once", *extra)
-
-
-def wait_for(predicate: Callable[[], T | None], timeout: float,
-             what: str | Callable[[], str], interval: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            text = what() if callable(what) else what
-            raise AssertionError(f"timed out after {timeout} s waiting for {text}")
-        time.sleep(interval)
 
 
 # -- reading the node's kernel ------------------------------------------------------------------

@@ -6,8 +6,11 @@ import importlib.util
 import os
 import shutil
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import TypeVar
 
 import pytest
 
@@ -32,3 +35,20 @@ def _load_netlab() -> ModuleType:
 
 
 netlab = _load_netlab()
+
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T | None], timeout: float,
+             what: str | Callable[[], str], interval: float = 0.05) -> T:
+    """Poll until ``predicate`` returns something truthy; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            text = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout} s waiting for {text}")
+        time.sleep(interval)
