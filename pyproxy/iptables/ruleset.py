@@ -231,10 +231,11 @@ def render(
 ) -> RestorePayload:
     """The restore payload that turns ``existing`` (pyproxy's part) into ``desired``.
 
-    Chains whose rules already match are not even declared, because on
-    nf_tables re-declaring a chain is what makes large transactions slow.
-    ``only=None`` with an empty ``existing`` writes everything; ``only`` names
-    chains to rewrite even if unchanged. ``chains`` restricts the comparison to
+    ``only=None`` (the default) rewrites every desired chain, as `pyproxy plan`
+    prints it. Syncs pass ``only=()``: then chains whose rules already match
+    are not even declared, because on nf_tables re-declaring a chain is what
+    makes large transactions slow; ``only`` may name chains to rewrite even if
+    unchanged. ``chains`` restricts the comparison to
     those (table, chain) pairs: a partial sync passes what its plan touched, so
     its cost follows the change, not the size of the ruleset. Owned chains that
     exist but are not desired are flushed and deleted in the same transaction,
