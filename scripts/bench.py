@@ -468,6 +468,7 @@ def _log(msg: str) -> None:
 
 def worker_scale(p: JSON) -> JSON:
     """pyproxy's real path on one synthetic cluster: model, full sync, changes, resync."""
+    from pyproxy.iptables.generation import read_generation
     from pyproxy.iptables.plan import PlanContext
     from pyproxy.iptables.restore import Backend, IPTables
     from pyproxy.iptables.ruleset import Ruleset, Table, render
@@ -493,7 +494,10 @@ def worker_scale(p: JSON) -> JSON:
 
     ctx = PlanContext(node=parse_node(node_object()),
                       cluster_cidrs=(ipaddress.ip_network(POD_CIDR),))
-    dataplane = IPTablesDataplane(IPTables(Backend(backend), runner=runner), ctx)
+    # The recording runner is not restore._run, so the nf_tables generation reader
+    # (the resync's fast path) is passed explicitly, as the agent gets it by default.
+    dataplane = IPTablesDataplane(
+        IPTables(Backend(backend), runner=runner, generation_reader=read_generation), ctx)
 
     def step(label: str, full: bool, objs: Sequence[JSON] = ()) -> JSON:
         """One sync, timed from the tracker taking the changed objects to rules applied."""

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pyproxy.iptables.generation import GenerationReader, read_generation
 from pyproxy.iptables.ruleset import RestorePayload
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,17 @@ class IPTables:
     wait_seconds: int = 5
     retries: int = 3
     runner: Runner = _run
+    # nf_tables only. The real reader goes with the real runner: a fake iptables
+    # in a unit test has no generation unless the test gives it one.
+    generation_reader: GenerationReader | None = None
+
+    def generation(self) -> int | None:
+        """The nf_tables generation id (pyproxy.iptables.generation); None on legacy."""
+        if self.backend is not Backend.NFT:
+            return None
+        if self.generation_reader is not None:
+            return self.generation_reader()
+        return read_generation() if self.runner is _run else None
 
     def _tool(self, verb: str) -> str:
         return f"{'ip6' if self.ipv6 else 'ip'}tables-{self.backend}-{verb}"
