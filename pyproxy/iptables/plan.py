@@ -30,6 +30,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
+import operator
+import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +42,7 @@ from pyproxy.model import (
     IPFamily,
     IPNetwork,
     NodeInfo,
+    Protocol,
     ServicePort,
     ServicePortName,
 )
@@ -121,36 +124,66 @@ _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _B32_PAIRS = tuple(a + b for a in _B32 for b in _B32)  # 10 bits -> 2 characters
 
 
-def _hash(*parts: str) -> str:
-    """The first 16 characters of base32(sha256(...)), as kube-proxy's portProtoHash.
+def _b32(digest: bytes) -> str:
+    """The first 16 characters of base32(digest).
 
     base32 turns 5 bytes into 8 characters, so 16 need only the first 10 bytes;
-    looking up 10 bits at a time is ~5x faster than Python 3.11's b32encode.
+    looking up 10 bits at a time, unrolled into one f-string (one allocation), is
+    ~3x faster than Python 3.11's b32encode, and this runs once per endpoint of
+    every service.
     """
-    n = int.from_bytes(hashlib.sha256("".join(parts).encode()).digest()[:10], "big")
-    return "".join(_B32_PAIRS[(n >> shift) & 1023] for shift in (70, 60, 50, 40, 30, 20, 10, 0))
+    n = int.from_bytes(digest[:10], "big")
+    p = _B32_PAIRS
+    return (f"{p[n >> 70]}{p[(n >> 60) & 1023]}{p[(n >> 50) & 1023]}{p[(n >> 40) & 1023]}"
+            f"{p[(n >> 30) & 1023]}{p[(n >> 20) & 1023]}{p[(n >> 10) & 1023]}{p[n & 1023]}")
 
 
-@functools.lru_cache(maxsize=1 << 13)  # the SEP name is asked for twice in a row
+def _hash(*parts: str) -> str:
+    """The first 16 characters of base32(sha256(...)), as kube-proxy's portProtoHash."""
+    return _b32(hashlib.sha256("".join(parts).encode()).digest())
+
+
+@functools.lru_cache(maxsize=1 << 13)
 def chain_name(kind: str, name: ServicePortName, endpoint: str = "") -> str:
     """Stable chain name: kube-proxy's hash of the port's identity (and endpoint).
 
     "PYPROXY-" + 3-letter kind + "-" + 16 hash characters is exactly 28, the
-    kernel's limit; FW is shorter.
+    kernel's limit; FW is shorter. The SVC, SVL, EXT and FW chains of one port
+    share one hash (only the kind differs), as upstream's do. The planner
+    spells these names itself (`_service_rules`), hashing once per port and
+    once per endpoint; this is for everyone else.
     """
     return f"PYPROXY-{kind}-{_hash(str(name), name.protocol.lower(), endpoint)}"
 
 
+def _ip_text(ip: IPAddress) -> str:
+    """str(ip): for IPv4 by inet_ntoa, which spells it as ipaddress does, ~4x faster.
+
+    A full plan spells every endpoint address in the cluster; ipaddress's __str__
+    and model's memo (sized for repeats within a sync, so all misses at 50,000
+    endpoints) were a fifth of a cold plan.
+    """
+    if isinstance(ip, ipaddress.IPv4Address):
+        return socket.inet_ntoa(ip.packed)
+    return str(ip)
 
 
-@functools.lru_cache(maxsize=1 << 12)
+def _address(ep: Endpoint) -> str:
+    """ep.address (ip:port, brackets for IPv6), spelt by _ip_text."""
+    ip = ep.ip
+    if isinstance(ip, ipaddress.IPv4Address):
+        return f"{socket.inet_ntoa(ip.packed)}:{ep.port}"
+    return ep.address
+
+
 def _cidr(addr: IPAddress | IPNetwork) -> str:
     """Addresses and networks as iptables-save prints them (always with a prefix length)."""
     if isinstance(addr, ipaddress.IPv4Address | ipaddress.IPv6Address):
-        return f"{addr}/{addr.max_prefixlen}"
+        return f"{_ip_text(addr)}/{addr.max_prefixlen}"
     return str(addr)
 
 
+@functools.lru_cache(maxsize=1 << 10)  # n is an endpoint count: few distinct values
 def probability(n: int) -> str:
     """1/n as iptables-save prints it (the kernel keeps it as a 31-bit fraction)."""
     fixed = round(0x80000000 / n)
@@ -179,8 +212,9 @@ def categorize(
     local: tuple[Endpoint, ...] = ()
     has_any = False
     if svc.uses_cluster_endpoints:
-        allowed = _topology_filter(endpoints, svc, node)
-        cluster = tuple(e for e in endpoints if e.ready and allowed(e))
+        ready = [e for e in endpoints if e.ready]
+        allowed = _topology_filter(ready, node)
+        cluster = tuple(ready) if allowed is None else tuple(e for e in ready if allowed(e))
         if not cluster:
             cluster = tuple(e for e in endpoints if e.serving and e.terminating)
         has_any = bool(cluster)
@@ -203,30 +237,53 @@ def categorize(
 
 
 def _topology_filter(
-    endpoints: Sequence[Endpoint], svc: ServicePort, node: NodeInfo
-) -> Callable[[Endpoint], bool]:
+    ready: Sequence[Endpoint], node: NodeInfo
+) -> Callable[[Endpoint], bool] | None:
     """Upstream's topologyModeFromHints: hints decide, whatever the Service says.
 
     Node hints (PreferSameNode) apply when every ready endpoint has some and one
     names this node; zone hints when every ready endpoint has some and one names
-    this node's zone. Otherwise all endpoints are used.
+    this node's zone. Otherwise all endpoints are used: None, the usual case,
+    which the caller takes without filtering.
     """
-    ready = [e for e in endpoints if e.ready]
     if not ready:
-        return _allow_all
-    if all(e.node_hints for e in ready) and any(
+        return None
+    first = ready[0]  # without hints (the usual case) it decides at once
+    if first.node_hints and all(e.node_hints for e in ready) and any(
         node.name in (e.node_hints or ()) for e in ready
     ):
         return lambda e: node.name in (e.node_hints or ())
-    if node.zone and all(e.zone_hints for e in ready) and any(
+    if node.zone and first.zone_hints and all(e.zone_hints for e in ready) and any(
         node.zone in (e.zone_hints or ()) for e in ready
     ):
         return lambda e: node.zone in (e.zone_hints or ())
-    return _allow_all
+    return None
 
 
-def _allow_all(_: Endpoint) -> bool:
-    return True
+SHARDS = 16  # dispatch chains per table; a full sync on nf_tables writes one shard at a time
+
+
+def shard_of(name: ServicePortName) -> int:
+    """Which dispatch shard a service port's rules live in: stable, like chain names.
+
+    The first byte of the same digest the port's chain names come from.
+    """
+    digest = hashlib.sha256(f"{name}{name.protocol.lower()}".encode()).digest()
+    return digest[0] % SHARDS
+
+
+def shard_chain(base: str, shard: int) -> str:
+    return f"{base}-{shard:02X}"
+
+
+ChainKey = tuple[Table, str]
+# The nat dispatch chains are sharded: a port's rules go to its shard's copy of each.
+_NAT_SERVICES = tuple((Table.NAT, shard_chain(SERVICES, i)) for i in range(SHARDS))
+_NAT_NODEPORTS = tuple((Table.NAT, shard_chain(NODEPORTS, i)) for i in range(SHARDS))
+_FILTER_SERVICES: ChainKey = (Table.FILTER, SERVICES)
+_FILTER_EXTERNAL: ChainKey = (Table.FILTER, EXTERNAL_SERVICES)
+_FILTER_FIREWALL: ChainKey = (Table.FILTER, FIREWALL)
+_FILTER_NODEPORTS: ChainKey = (Table.FILTER, NODEPORTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,40 +291,88 @@ class ServiceRules:
     """One service port's contribution: its own chains plus rules in shared chains."""
 
     name: ServicePortName
-    nat_chains: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    dispatch: tuple[tuple[Table, str, str], ...] = ()  # (table, shared chain, rule)
+    # Its own nat chains, in the order they are first written: chain -> rules.
+    nat_chains: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Its rules in shared chains, nat dispatch already in its shard's chain.
+    shared: Mapping[ChainKey, tuple[str, ...]] = field(default_factory=dict)
+    shard: int = 0
     no_local_endpoints: bool = False  # eTP/iTP Local with no local endpoint: for metrics
 
 
-def service_rules(  # noqa: C901 - one flat walk, in upstream's order, reads best
+@dataclass(frozen=True, slots=True)
+class _ContextText:
+    """What a PlanContext puts into every service port's rules, spelt once per planner.
+
+    PlanContext's properties build their tuples on each call; at 10,000
+    service ports that is worth doing once.
+    """
+
+    node: NodeInfo
+    node_ips: tuple[IPAddress, ...]
+    masquerade_all: bool
+    local_cidrs: tuple[str, ...]  # cluster CIDRs of this family, as iptables-save prints them
+    reject: str
+
+    @classmethod
+    def of(cls, ctx: PlanContext) -> _ContextText:
+        return cls(ctx.node, ctx.node_ips, ctx.masquerade_all,
+                   tuple(_cidr(c) for c in ctx.local_cidrs), ctx.reject)
+
+
+def service_rules(
     svc: ServicePort, endpoints: Sequence[Endpoint], ctx: PlanContext
 ) -> ServiceRules:
-    name = str(svc.name)
+    """One service port's rules (see ServiceRules), a pure function of its arguments."""
+    return _service_rules(svc, endpoints, _ContextText.of(ctx))
+
+
+_V4_MASK = "255.255.255.255"
+_V6_MASK = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+
+
+def _service_rules(  # noqa: C901 - one flat walk, in upstream's order, reads best
+    svc: ServicePort, endpoints: Sequence[Endpoint], ctx: _ContextText
+) -> ServiceRules:
+    """service_rules' body. It runs once per service port on a full plan, so the
+    text that is the same for every rule of the port is spelt once, up front, and
+    each endpoint costs one hash and a few concatenations."""
+    spn = svc.name
+    name = str(spn)
     proto = svc.protocol.lower()
+    port = svc.port
     sets = categorize(endpoints, svc, ctx.node)
-    svc_chain = chain_name("SVC", svc.name)
-    svl_chain = chain_name("SVL", svc.name)
-    ext_chain = chain_name("EXT", svc.name)
-    fw_chain = chain_name("FW", svc.name)
+    has_endpoints = sets.has_any
+    accessible = svc.externally_accessible
+    etp_local = svc.external_policy_local
+    itp_local = svc.internal_policy_local
+    lb_ips = svc.load_balancer_ips
+
+    # kube-proxy's servicePortChainName: SVC, SVL, EXT and FW share the port's hash,
+    # and its first byte picks the dispatch shard (shard_of).
+    hash_key = name + proto
+    digest = hashlib.sha256(hash_key.encode()).digest()
+    shard = digest[0] % SHARDS
+    port_hash = _b32(digest)
+    svc_chain = "PYPROXY-SVC-" + port_hash
+    svl_chain = "PYPROXY-SVL-" + port_hash
+    ext_chain = "PYPROXY-EXT-" + port_hash
+    fw_chain = "PYPROXY-FW-" + port_hash
 
     uses_cluster_chain = bool(sets.cluster) and svc.uses_cluster_endpoints
     uses_local_chain = bool(sets.local) and svc.uses_local_endpoints
-    has_endpoints = sets.has_any
 
     internal_chain = svc_chain
     has_internal = has_endpoints
-    if svc.internal_policy_local:
+    if itp_local:
         internal_chain = svl_chain
         has_internal = bool(sets.local)
     external_policy_chain = svc_chain
     has_external = has_endpoints
-    if svc.external_policy_local:
+    if etp_local:
         external_policy_chain = svl_chain
         has_external = bool(sets.local)
-    uses_ext_chain = has_endpoints and svc.externally_accessible
-    uses_fw_chain = (
-        has_endpoints and bool(svc.load_balancer_ips) and bool(svc.load_balancer_source_ranges)
-    )
+    uses_ext_chain = has_endpoints and accessible
+    uses_fw_chain = has_endpoints and bool(lb_ips) and bool(svc.load_balancer_source_ranges)
     lb_chain = fw_chain if uses_fw_chain else ext_chain
 
     if not has_endpoints:
@@ -281,71 +386,78 @@ def service_rules(  # noqa: C901 - one flat walk, in upstream's order, reads bes
         if not has_external:
             ext_target, ext_comment = "DROP", f"{name} has no local endpoints"
 
-    dispatch: list[tuple[Table, str, str]] = []
-    nat = Table.NAT
-    flt = Table.FILTER
+    # Rules in shared chains, grouped by chain as they are appended.
+    shared: dict[ChainKey, list[str]] = {}
+    nat_services = _NAT_SERVICES[shard]
+    # quote(f"{name}{suffix}") is `opened + suffix + '"'` when the suffix starts with a
+    # space (so the whole is always quoted) and needs no escaping, as every comment
+    # suffix here does, addresses included (digits, hex, '.', ':', brackets).
+    quoted = quote(name)
+    opened = quoted[:-1] if quoted[0] == '"' else f'"{quoted}'
+    cluster_ip_match = (f'-d {_cidr(svc.cluster_ip)} -p {proto} -m comment --comment '
+                        f'{opened} cluster IP" -m {proto} --dport {port}')
 
     # Cluster IP.
     if has_internal:
-        dispatch.append((nat, SERVICES, _match(proto, svc.cluster_ip, svc.port,
-                                               f"{name} cluster IP") + f" -j {internal_chain}"))
+        shared[nat_services] = [f"{cluster_ip_match} -j {internal_chain}"]
     else:
-        dispatch.append((flt, SERVICES, _match(proto, svc.cluster_ip, svc.port, int_comment)
-                         + f" -j {int_target}"))
+        shared[_FILTER_SERVICES] = [_match(proto, svc.cluster_ip, port, int_comment)
+                                    + f" -j {int_target}"]
     # External IPs.
     for ip in svc.external_ips:
         if has_endpoints:
-            dispatch.append((nat, SERVICES, _match(proto, ip, svc.port, f"{name} external IP")
-                             + f" -j {ext_chain}"))
+            shared.setdefault(nat_services, []).append(
+                _match(proto, ip, port, f"{name} external IP") + f" -j {ext_chain}")
         if not has_external:
-            dispatch.append((flt, EXTERNAL_SERVICES, _match(proto, ip, svc.port, ext_comment)
-                             + f" -j {ext_target}"))
+            shared.setdefault(_FILTER_EXTERNAL, []).append(
+                _match(proto, ip, port, ext_comment) + f" -j {ext_target}")
     # LoadBalancer ingress IPs.
-    for ip in svc.load_balancer_ips:
+    for ip in lb_ips:
         if has_endpoints:
-            dispatch.append((nat, SERVICES, _match(proto, ip, svc.port, f"{name} loadbalancer IP")
-                             + f" -j {lb_chain}"))
+            shared.setdefault(nat_services, []).append(
+                _match(proto, ip, port, f"{name} loadbalancer IP") + f" -j {lb_chain}")
         if uses_fw_chain:
-            dispatch.append((flt, FIREWALL, _match(
-                proto, ip, svc.port, f"{name} traffic not accepted by {fw_chain}") + " -j DROP"))
+            shared.setdefault(_FILTER_FIREWALL, []).append(_match(
+                proto, ip, port, f"{name} traffic not accepted by {fw_chain}") + " -j DROP")
     if not has_external:
-        for ip in svc.load_balancer_ips:
-            dispatch.append((flt, EXTERNAL_SERVICES, _match(proto, ip, svc.port, ext_comment)
-                             + f" -j {ext_target}"))
+        for ip in lb_ips:
+            shared.setdefault(_FILTER_EXTERNAL, []).append(
+                _match(proto, ip, port, ext_comment) + f" -j {ext_target}")
     # Node ports.
     if svc.node_port:
         if has_endpoints:
-            dispatch.append((nat, NODEPORTS, _match(proto, None, svc.node_port, name)
-                             + f" -j {ext_chain}"))
+            shared.setdefault(_NAT_NODEPORTS[shard], []).append(
+                _match(proto, None, svc.node_port, name) + f" -j {ext_chain}")
         if not has_external:
-            dispatch.append((flt, EXTERNAL_SERVICES,
-                             f"-p {proto} -m comment --comment {quote(ext_comment)} "
-                             f"-m addrtype --dst-type LOCAL -m {proto} --dport {svc.node_port}"
-                             f" -j {ext_target}"))
+            shared.setdefault(_FILTER_EXTERNAL, []).append(
+                f"-p {proto} -m comment --comment {quote(ext_comment)} "
+                f"-m addrtype --dst-type LOCAL -m {proto} --dport {svc.node_port}"
+                f" -j {ext_target}")
     if svc.health_check_node_port:
-        dispatch.append((flt, NODEPORTS, _match(
+        shared.setdefault(_FILTER_NODEPORTS, []).append(_match(
             "tcp", None, svc.health_check_node_port, f"{name} health check node port")
-            + " -j ACCEPT"))
+            + " -j ACCEPT")
 
     chains: dict[str, list[str]] = {}
     # Internal traffic: masquerade what comes from off the cluster.
     if has_internal:
         rules = chains.setdefault(internal_chain, [])
-        match = _match(proto, svc.cluster_ip, svc.port, f"{name} cluster IP")
         if ctx.masquerade_all:
-            rules.append(f"{match} -j {MARK_MASQ}")
-        elif ctx.local_cidrs:
-            for cidr in ctx.local_cidrs:  # one rule per CIDR, as `! -s` cannot take a list
-                rules.append(_negated_source(match, cidr) + f" -j {MARK_MASQ}")
+            rules.append(f"{cluster_ip_match} -j {MARK_MASQ}")
+        else:
+            # One rule per CIDR, as `! -s` cannot take a list; iptables-save prints
+            # the source before the destination.
+            for cidr in ctx.local_cidrs:
+                rules.append(f"! -s {cidr} {cluster_ip_match} -j {MARK_MASQ}")
 
     if uses_ext_chain:
         rules = chains.setdefault(ext_chain, [])
-        if not svc.external_policy_local:
+        if not etp_local:
             rules.append(f'-m comment --comment "masquerade traffic for {name} external '
                          f'destinations" -j {MARK_MASQ}')
         else:
             for cidr in ctx.local_cidrs:
-                rules.append(f"-s {_cidr(cidr)} -m comment --comment "
+                rules.append(f"-s {cidr} -m comment --comment "
                              f'"pod traffic for {name} external destinations" -j {svc_chain}')
             rules.append(f'-m comment --comment "masquerade LOCAL traffic for {name} external '
                          f'destinations" -m addrtype --src-type LOCAL -j {MARK_MASQ}')
@@ -358,87 +470,108 @@ def service_rules(  # noqa: C901 - one flat walk, in upstream's order, reads bes
         rules = chains.setdefault(fw_chain, [])
         comment = f"-m comment --comment {quote(f'{name} loadbalancer IP')}"
         allow_from_node = False
-        for cidr in svc.load_balancer_source_ranges:
-            rules.append(f"-s {_cidr(cidr)} {comment} -j {ext_chain}")
-            if any(ip in cidr for ip in ctx.node_ips):
+        for net in svc.load_balancer_source_ranges:
+            rules.append(f"-s {_cidr(net)} {comment} -j {ext_chain}")
+            if any(ip in net for ip in ctx.node_ips):
                 allow_from_node = True
         if allow_from_node:
-            for ip in svc.load_balancer_ips:
+            for ip in lb_ips:
                 rules.append(f"-s {_cidr(ip)} {comment} -j {ext_chain}")
         rules.append(f'-m comment --comment "other traffic to {name} will be dropped by '
                      f'{FIREWALL}"')
 
+    # Endpoints: each one's address and SEP chain name, worked out once (cluster and
+    # local endpoints are both among the reachable ones).
+    reachable = sets.reachable
+    seps = _endpoint_chains(hash_key, reachable)
+    affinity = svc.affinity_timeout
+    arrow = f"{opened} -> "
     if uses_cluster_chain:
-        chains.setdefault(svc_chain, []).extend(_to_endpoints(svc, sets.cluster))
+        chains.setdefault(svc_chain, []).extend(
+            _to_endpoints(_subset(sets.cluster, reachable, seps), arrow, affinity))
     if uses_local_chain:
-        chains.setdefault(svl_chain, []).extend(_to_endpoints(svc, sets.local))
+        chains.setdefault(svl_chain, []).extend(
+            _to_endpoints(_subset(sets.local, reachable, seps), arrow, affinity))
 
-    for ep in sets.reachable:
-        sep = chain_name("SEP", svc.name, ep.address)
-        src = f"{ep.ip}/{ep.ip.max_prefixlen}"
-        rules = chains.setdefault(sep, [])
-        rules.append(f"-s {src} -m comment --comment {quote(name)} -j {MARK_MASQ}")
-        recent = (f" -m recent --set --name {sep} --mask {_full_mask(ep.ip)} --rsource"
-                  if svc.affinity_timeout else "")
-        rules.append(f"-p {proto} -m comment --comment {quote(name)}{recent} -m {proto}"
-                     f" -j DNAT --to-destination {ep.address}")
+    nat_chains: dict[str, tuple[str, ...]] = {c: tuple(r) for c, r in chains.items()}
+    masq_tail = f" -m comment --comment {quoted} -j {MARK_MASQ}"
+    dnat_head = f"-p {proto} -m comment --comment {quoted}"
+    dnat_tail = f" -m {proto} -j DNAT --to-destination "
+    for address, sep in seps:
+        if address[0] == "[":  # IPv6: [ip]:port
+            host, prefix, mask = address[1:address.rindex("]")], 128, _V6_MASK
+        else:
+            host, prefix, mask = address[:address.rindex(":")], 32, _V4_MASK
+        recent = f" -m recent --set --name {sep} --mask {mask} --rsource" if affinity else ""
+        sep_rules: tuple[str, ...] = (f"-s {host}/{prefix}{masq_tail}",
+                                      f"{dnat_head}{recent}{dnat_tail}{address}")
+        if sep in nat_chains:
+            # An address listed twice (only from a caller that does not merge slices
+            # as the tracker does): its rules are appended again, as they always were.
+            sep_rules = nat_chains[sep] + sep_rules
+        nat_chains[sep] = sep_rules
 
-    no_local = (svc.internal_policy_local or svc.external_policy_local) and not sets.local
+    no_local = (itp_local or etp_local) and not sets.local
     return ServiceRules(
-        name=svc.name,
-        nat_chains=tuple((c, tuple(r)) for c, r in chains.items()),
-        dispatch=tuple(dispatch),
+        name=spn,
+        nat_chains=nat_chains,
+        shared={k: tuple(v) for k, v in shared.items()},
+        shard=shard,
         no_local_endpoints=no_local and has_endpoints,
     )
 
 
-def _full_mask(ip: IPAddress) -> str:
-    return "255.255.255.255" if ip.version == 4 else "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+def _endpoint_chains(hash_key: str, endpoints: Iterable[Endpoint]) -> list[tuple[str, str]]:
+    """Each endpoint's address and SEP chain (the port's hash input, plus the address)."""
+    sha256 = hashlib.sha256
+    out = []
+    for ep in endpoints:
+        address = _address(ep)
+        out.append((address, "PYPROXY-SEP-" + _b32(sha256((hash_key + address).encode()).digest())))
+    return out
 
 
-def _negated_source(match: str, cidr: IPNetwork) -> str:
-    # iptables-save prints the source before the destination.
-    return f"! -s {_cidr(cidr)} {match}"
+def _subset(endpoints: tuple[Endpoint, ...], reachable: tuple[Endpoint, ...],
+            seps: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`_endpoint_chains` of `endpoints`, a subset of `reachable`, from those of `reachable`.
+
+    Usually they are the same tuple (no local traffic policy): nothing to do.
+    """
+    if endpoints is reachable:
+        return seps
+    by_address = dict(seps)
+    return [(a, by_address[a]) for a in map(_address, endpoints)]
 
 
-def _to_endpoints(svc: ServicePort, endpoints: Sequence[Endpoint]) -> list[str]:
-    """Affinity checks first, then an even random spread (1/n, 1/(n-1), ..., 1)."""
-    name = str(svc.name)
+def _to_endpoints(pairs: Sequence[tuple[str, str]], arrow: str, affinity: int) -> list[str]:
+    """Affinity checks first, then an even random spread (1/n, 1/(n-1), ..., 1).
+
+    `pairs` are each endpoint's address and SEP chain; `arrow` is the quoted
+    comment '"NAME -> ' without its closing quote.
+    """
     rules: list[str] = []
-    seps = [(ep, chain_name("SEP", svc.name, ep.address)) for ep in endpoints]
-    if svc.affinity_timeout:
-        for ep, sep in seps:
+    if affinity:
+        for address, sep in pairs:
+            mask = _V6_MASK if address[0] == "[" else _V4_MASK
             rules.append(
-                f"-m comment --comment {quote(f'{name} -> {ep.address}')} -m recent --rcheck"
-                f" --seconds {svc.affinity_timeout} --reap --name {sep}"
-                f" --mask {_full_mask(ep.ip)} --rsource -j {sep}"
+                f'-m comment --comment {arrow}{address}" -m recent --rcheck'
+                f" --seconds {affinity} --reap --name {sep}"
+                f" --mask {mask} --rsource -j {sep}"
             )
-    n = len(seps)
-    for i, (ep, sep) in enumerate(seps):
-        comment = f"-m comment --comment {quote(f'{name} -> {ep.address}')}"
-        if i < n - 1:
-            rules.append(f"{comment} -m statistic --mode random --probability "
-                         f"{probability(n - i)} -j {sep}")
+    last = len(pairs) - 1
+    for i, (address, sep) in enumerate(pairs):
+        if i < last:
+            rules.append(f'-m comment --comment {arrow}{address}" -m statistic --mode random'
+                         f" --probability {probability(last + 1 - i)} -j {sep}")
         else:
-            rules.append(f"{comment} -j {sep}")
+            rules.append(f'-m comment --comment {arrow}{address}" -j {sep}')
     return rules
 
 
-SHARDS = 16  # dispatch chains per table; a full sync on nf_tables writes one shard at a time
-
-
-def shard_of(name: ServicePortName) -> int:
-    """Which dispatch shard a service port's rules live in: stable, like chain names."""
-    digest = hashlib.sha256(f"{name}{name.protocol.lower()}".encode()).digest()
-    return digest[0] % SHARDS
-
-
-def shard_chain(base: str, shard: int) -> str:
-    return f"{base}-{shard:02X}"
-
-
-_SHARDED = {(Table.NAT, SERVICES), (Table.NAT, NODEPORTS)}
-ChainKey = tuple[Table, str]
+# ServicePortName's own order (its fields, in order), compared in C rather than by
+# the dataclass's __lt__: a full plan sorts every service port.
+_ORDER = operator.attrgetter("namespace", "name", "port", "protocol")
+_NO_RULES = ServiceRules(ServicePortName("", "", "", Protocol.TCP))  # what a new port had
 
 
 @dataclass(frozen=True)
@@ -471,6 +604,10 @@ class Planner:
     _chains_by_service: dict[ServicePortName, tuple[str, ...]] = field(default_factory=dict)
     _no_local: int = 0
     _started: bool = False
+    _text: _ContextText = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._text = _ContextText.of(self.ctx)
 
     def plan(
         self,
@@ -485,8 +622,10 @@ class Planner:
         if not self._started:
             self._static(touched)
             self._started = True
-        for spn in sorted(check):
-            self._update(spn, services.get(spn), endpoints, touched, shared_touched)
+        # A full plan's result counts every chain as touched: no need to record them.
+        chain_touched = None if full else touched
+        for spn in sorted(check, key=_ORDER):
+            self._update(spn, services.get(spn), endpoints, chain_touched, shared_touched)
         for key in shared_touched:
             self._rebuild_shared(key, touched)
         self._top_level(touched)
@@ -505,7 +644,10 @@ class Planner:
 
     def _update(self, spn: ServicePortName, svc: ServicePort | None,
                 endpoints: Mapping[ServicePortName, Sequence[Endpoint]],
-                touched: set[ChainKey], shared_touched: set[ChainKey]) -> None:
+                touched: set[ChainKey] | None, shared_touched: set[ChainKey]) -> None:
+        """Re-plan one service port if its inputs changed; record the nat chains that
+        changed in `touched` (None: do not record) and the shared chains to rebuild
+        in `shared_touched`."""
         old = self._cache.get(spn)
         if svc is None:
             if old is None:
@@ -516,41 +658,44 @@ class Planner:
             eps = tuple(endpoints.get(spn, ()))
             if old is not None and old[0] == svc and old[1] == eps:
                 return
-            new_rules = service_rules(svc, eps, self.ctx)
+            new_rules = _service_rules(svc, eps, self._text)
             self._cache[spn] = (svc, eps, new_rules)
-        old_rules = old[2] if old is not None else ServiceRules(spn)
-        shard = shard_of(spn)
-        new_chains = dict(new_rules.nat_chains)
+        old_rules = old[2] if old is not None else _NO_RULES
+        new_chains = new_rules.nat_chains
         if svc is None:
             self._chains_by_service.pop(spn, None)
         else:
             self._chains_by_service[spn] = tuple(new_chains)
-        for chain, _ in old_rules.nat_chains:
+        nat, groups = self._nat, self._groups
+        for chain in old_rules.nat_chains:
             if chain not in new_chains:
-                self._nat.pop(chain, None)
-                self._groups.pop(chain, None)
-                touched.add((Table.NAT, chain))
-        for chain, rules in new_chains.items():
-            if self._nat.get(chain) != rules:
-                self._nat[chain] = rules
-                touched.add((Table.NAT, chain))
-            self._groups[chain] = shard
-        old_parts = _contributions(old_rules, shard)
-        new_parts = _contributions(new_rules, shard)
-        for key in old_parts.keys() | new_parts.keys():
-            if old_parts.get(key) != new_parts.get(key):
-                bucket = self._shared.setdefault(key, {})
-                if key in new_parts:
-                    bucket[spn] = new_parts[key]
-                else:
-                    bucket.pop(spn, None)
+                nat.pop(chain, None)
+                groups.pop(chain, None)
+                if touched is not None:
+                    touched.add((Table.NAT, chain))
+        if touched is None:
+            nat.update(new_chains)
+        else:
+            for chain, rules in new_chains.items():
+                if nat.get(chain) != rules:
+                    nat[chain] = rules
+                    touched.add((Table.NAT, chain))
+        groups.update(dict.fromkeys(new_chains, new_rules.shard))
+        old_parts, new_parts = old_rules.shared, new_rules.shared
+        for key, rules in new_parts.items():
+            if old_parts.get(key) != rules:
+                self._shared.setdefault(key, {})[spn] = rules
+                shared_touched.add(key)
+        for key in old_parts:
+            if key not in new_parts:
+                self._shared.setdefault(key, {}).pop(spn, None)
                 shared_touched.add(key)
         self._no_local += new_rules.no_local_endpoints - old_rules.no_local_endpoints
 
     def _rebuild_shared(self, key: ChainKey, touched: set[ChainKey]) -> None:
         table, chain = key
         bucket = self._shared.get(key, {})
-        rules = tuple(r for spn in sorted(bucket) for r in bucket[spn])
+        rules = tuple(r for spn in sorted(bucket, key=_ORDER) for r in bucket[spn])
         target = self._nat if table is Table.NAT else self._filter
         head, tail = self._fixed.get(key, ((), ()))
         rules = head + rules + tail
@@ -629,15 +774,6 @@ class Planner:
             if self._nat.get(chain) != rules:
                 self._nat[chain] = rules
                 touched.add((Table.NAT, chain))
-
-
-def _contributions(rules: ServiceRules, shard: int) -> dict[ChainKey, tuple[str, ...]]:
-    """A service port's rules in shared chains, with nat dispatch mapped to its shard."""
-    out: dict[ChainKey, list[str]] = {}
-    for table, chain, rule in rules.dispatch:
-        key = (table, shard_chain(chain, shard)) if (table, chain) in _SHARDED else (table, chain)
-        out.setdefault(key, []).append(rule)
-    return {k: tuple(v) for k, v in out.items()}
 
 
 def plan(
