@@ -37,6 +37,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from typing import Protocol as TypingProtocol
 
+# Imported with the module, not when the first cleanup opens a socket: pyroute2 takes
+# ~0.12 s to import, which the agent pays at start anyway (pyproxy.ipvs.netlink), and a
+# lazy import put it, and the collections its allocations set off over a 10,000-service
+# heap, into the first full sync.
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, NFCTSocket
+
 from pyproxy.iptables.plan import categorize
 from pyproxy.model import (
     Endpoint,
@@ -298,8 +305,6 @@ class NetlinkFlowTable:
     MAX_FILTERED_DUMPS = 32
 
     def __init__(self, family: IPFamily = IPFamily.IPv4) -> None:
-        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, NFCTSocket
-
         self._tuple = NFCTAttrTuple
         self.family = family
         self._af = socket.AF_INET if family is IPFamily.IPv4 else socket.AF_INET6
@@ -307,8 +312,6 @@ class NetlinkFlowTable:
         self._sock: Any = NFCTSocket(nfgen_family=self._af)
 
     def flows(self, frontends: Sequence[ProtoFrontend]) -> Iterator[Flow]:
-        from pyroute2.netlink.exceptions import NetlinkError
-
         wanted = list(dict.fromkeys(frontends))
         if len(wanted) > self.MAX_FILTERED_DUMPS:
             wanted = [(proto, None, 0) for proto in dict.fromkeys(p for p, _, _ in wanted)]
@@ -347,8 +350,6 @@ class NetlinkFlowTable:
                     ipaddress.ip_address(r_src), int(r_sport))
 
     def delete(self, flow: Flow) -> bool:
-        from pyroute2.netlink.exceptions import NetlinkError
-
         orig = self._tuple(family=self._af, saddr=str(flow.orig_src), daddr=str(flow.orig_dst),
                            proto=IP_PROTO[flow.protocol], sport=flow.orig_sport,
                            dport=flow.orig_dport)

@@ -10,7 +10,6 @@ policy kube-proxy's BoundedFrequencyRunner and `syncProxyRules` implement.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import threading
 import time
@@ -18,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pyproxy import gcpolicy
 from pyproxy.tracker import ChangeTracker, Snapshot
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,6 @@ class Reconciler:
     _next_full: float = 0.0
     _retry_at: float | None = None
     _failures: int = 0
-    _frozen: bool = False
     applied_once: bool = False  # a sync has succeeded: the kernel holds our rules
     _change_times: list[float] = field(default_factory=list)
 
@@ -108,7 +107,11 @@ class Reconciler:
             changes, self._change_times = self._change_times, []
             snapshot = self.tracker.checkout()
             try:
-                result = self.dataplane.sync(snapshot, full=full)
+                # The first full sync builds what the process keeps: no automatic
+                # collection during it, frozen after (pyproxy.gcpolicy). A dataplane
+                # that does the same inside is fine: the inner one does nothing.
+                with gcpolicy.first_full_sync():
+                    result = self.dataplane.sync(snapshot, full=full)
             except Exception as err:
                 self._need_full = True
                 self._failures += 1
@@ -122,12 +125,6 @@ class Reconciler:
                     obs.sync_failed(err, full=full)
                 raise
             finished = self.clock()
-            if full and not self._frozen:
-                # Everything allocated so far lives as long as the process: keep the
-                # cyclic GC from rescanning it (a full collection took ~110 ms at
-                # 10,000 services and could land in any sync).
-                gc.freeze()
-                self._frozen = True
             self._failures = 0
             self._retry_at = None
             self.applied_once = True
