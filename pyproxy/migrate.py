@@ -90,11 +90,11 @@ def render_kube_proxy_cleanup(tables: Tables) -> RestorePayload:
                    if (target := _target(rule)) is not None and is_kube_proxy_chain(target)]
         if not (doomed or deletes):
             continue
-        payload.lines.append(f"*{table}")
-        payload.lines.extend(f":{name} - [0:0]" for name in doomed)
-        payload.lines.extend(deletes)
-        payload.lines.extend(f"-X {name}" for name in doomed)
-        payload.lines.append("COMMIT")
+        payload.append(f"*{table}")
+        payload.extend(f":{name} - [0:0]" for name in doomed)
+        payload.extend(deletes)
+        payload.extend(f"-X {name}" for name in doomed)
+        payload.append("COMMIT")
     return payload
 
 
@@ -137,9 +137,9 @@ def cleanup_iptables(report: CleanupReport, runner_for: Mapping[str, IPTables] |
             report.errors.append(f"{name}: {err}")
             log.error("kube-proxy cleanup failed", extra={"tool": name, "error": str(err)})
             continue
-        report.iptables_lines[name] = len(payload.lines)
+        report.iptables_lines[name] = payload.line_count
         log.info("removed kube-proxy's iptables rules",
-                 extra={"tool": name, "lines": len(payload.lines)})
+                 extra={"tool": name, "lines": payload.line_count})
 
 
 # -------------------------------------------------------------------------- IPVS

@@ -378,7 +378,8 @@ class Call:
 
 
 class RecordingRunner:
-    """pyproxy's own iptables runner (restore._run), timing each program it spawns.
+    """pyproxy's own iptables runners (restore._run and restore._read_lines), timing each
+    program they spawn.
 
     Restore payloads are written to ``outdir`` so the floor can replay them
     byte for byte; the time spent writing them is counted in ``overhead`` and
@@ -394,20 +395,48 @@ class RecordingRunner:
         self.label = "payload"
         self._n = itertools.count()
 
-    def __call__(self, argv: Sequence[str], stdin: str | None = None,
+    def __call__(self, argv: Sequence[str], stdin: str | Sequence[str] | None = None,
                  timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        from pyproxy.iptables.restore import _run
+
         t0 = time.perf_counter()
-        proc = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        proc = _run(argv, stdin, timeout)
         t1 = time.perf_counter()
-        lines = stdin.count("\n") if stdin else 0
+        pieces = [stdin] if isinstance(stdin, str) else stdin or []
+        lines = sum(piece.count("\n") for piece in pieces)
         self.calls.append(Call(list(argv), t1 - t0, proc.returncode, lines))
         if stdin is not None and "restore" in argv[0]:
             path = self.outdir / f"{self.label}-{next(self._n):03d}.txt"
-            path.write_text(stdin)
+            with path.open("w") as out:
+                out.writelines(pieces)
             self.files.append(str(path))
         self.overhead += time.perf_counter() - t1
         return proc
+
+    def lines(self, argv: Sequence[str]) -> Iterator[str]:
+        """restore._read_lines (IPTables.line_reader), timed while it waits for lines.
+
+        The reader parses as the program prints, so only the time spent inside
+        the reader counts as the program's, not the parsing in between.
+        """
+        from pyproxy.iptables.restore import _read_lines
+
+        reader = _read_lines(argv)
+        seconds, count = 0.0, 0
+        try:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    line = next(reader)
+                except StopIteration:
+                    break
+                finally:
+                    seconds += time.perf_counter() - t0
+                count += 1
+                yield line
+        finally:
+            reader.close()
+            self.calls.append(Call(list(argv), seconds, 0, count))
 
     def mark(self, label: str) -> tuple[int, int, float]:
         """Start a step: later calls and files belong to ``label``."""
@@ -495,9 +524,11 @@ def worker_scale(p: JSON) -> JSON:
     ctx = PlanContext(node=parse_node(node_object()),
                       cluster_cidrs=(ipaddress.ip_network(POD_CIDR),))
     # The recording runner is not restore._run, so the nf_tables generation reader
-    # (the resync's fast path) is passed explicitly, as the agent gets it by default.
+    # (the resync's fast path) and the line reader a full sync reads the kernel with
+    # are passed explicitly, as the agent gets them by default.
     dataplane = IPTablesDataplane(
-        IPTables(Backend(backend), runner=runner, generation_reader=read_generation), ctx)
+        IPTables(Backend(backend), runner=runner, generation_reader=read_generation,
+                 line_reader=runner.lines), ctx)
 
     def step(label: str, full: bool, objs: Sequence[JSON] = ()) -> JSON:
         """One sync, timed from the tracker taking the changed objects to rules applied."""
@@ -558,7 +589,8 @@ def worker_scale(p: JSON) -> JSON:
     if backend == "nft":
         single = outdir / "single.txt"
         assert dataplane.applied is not None
-        single.write_text(render(dataplane.applied, Ruleset()).text)
+        with single.open("w") as out:
+            out.writelines(render(dataplane.applied, Ruleset()).pieces)
         res["single_file"] = str(single)
     return res
 

@@ -111,50 +111,149 @@ class Ruleset:
 
 Tables = dict[str, dict[str, list[str]]]  # table -> chain -> rules (text after -A CHAIN)
 
+_TABLES = frozenset(Table)
+_BLOCK = 1 << 20  # iter_lines splits this many characters at a time
 
-def parse_tables(text: str) -> Tables:
-    """iptables-save output, every table it holds (mangle and raw included)."""
+
+def iter_lines(text: str) -> Iterator[str]:
+    """``text.splitlines()``, one block of about ``_BLOCK`` characters at a time.
+
+    At 10,000 services a full save or restore is 250,000 lines: as a list of
+    strings they would take more memory than the text itself, at the moment
+    the text is alive anyway.
+    """
+    start, size = 0, len(text)
+    while start < size:
+        end = text.find("\n", start + _BLOCK)
+        end = size if end < 0 else end + 1
+        yield from text[start:end].splitlines()
+        start = end
+
+
+def parse_tables(text: str | Iterable[str], like: Ruleset | None = None) -> Tables:
+    """iptables-save output, every table it holds (mangle and raw included).
+
+    ``text`` may also be its lines, as they are read (IPTables.save_lines).
+
+    A rule equal to the one at the same place of the same chain in ``like``
+    is kept as ``like``'s own string: a full sync parses the kernel's rules
+    with its plan as ``like``, and where the two agree, which is almost
+    everywhere, the parsed rules then cost a reference each instead of a
+    second copy of every rule.
+    """
     tables: Tables = {}
     current: dict[str, list[str]] | None = None
-    for raw in text.splitlines():
+    want: Mapping[str, tuple[str, ...]] = {}
+    for raw in iter_lines(text) if isinstance(text, str) else text:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         if line.startswith("*"):
-            current = tables.setdefault(line[1:], {})
+            name = line[1:]
+            current = tables.setdefault(name, {})
+            want = {}
+            if like is not None and name in _TABLES:
+                want = like.chains.get(Table(name), {})
         elif current is None:
             continue
         elif line.startswith(":"):
             current.setdefault(line[1:].split()[0], [])
         elif line.startswith("-A "):
-            _, chain, *rest = line.split(" ", 2)
-            current.setdefault(chain, []).append(rest[0] if rest else "")
+            space = line.find(" ", 3)
+            chain, rule = (line[3:], "") if space < 0 else (line[3:space], line[space + 1:])
+            rules = current.get(chain)
+            if rules is None:
+                rules = current[chain] = []
+            same = want.get(chain, ())
+            if len(rules) < len(same) and same[len(rules)] == rule:
+                rule = same[len(rules)]
+            rules.append(rule)
         elif line == "COMMIT":
             current = None
     return tables
 
 
-def parse_save(text: str) -> Ruleset:
-    """iptables-save output as a Ruleset: filter and nat, built-in chains included."""
+def parse_save(text: str | Iterable[str], like: Ruleset | None = None) -> Ruleset:
+    """iptables-save output as a Ruleset: filter and nat, built-in chains included.
+
+    ``like``, when given, is the ruleset the caller will compare this one
+    with (a sync's plan): equal rules and chains share its strings and tuples
+    (see parse_tables), which keeps a full sync's view of a large kernel
+    small. Only memory is shared, never meaning: the result is the same.
+    """
     rs = Ruleset()
-    for name, chains in parse_tables(text).items():
-        if name in (Table.FILTER, Table.NAT):
-            rs.chains[Table(name)] = {c: tuple(rules) for c, rules in chains.items()}
+    for name, chains in parse_tables(text, like).items():
+        if name in _TABLES:
+            table = Table(name)
+            want = like.chains.get(table, {}) if like is not None else {}
+            parsed = rs.chains[table] = {}
+            for chain, rules in chains.items():
+                kept = tuple(rules)
+                same = want.get(chain)
+                parsed[chain] = same if same is not None and same == kept else kept
     return rs
 
 
-@dataclass
 class RestorePayload:
-    """An iptables-restore --noflush transaction, kept as lines for error context."""
+    """An iptables-restore --noflush transaction: its text, added a block of lines at a time.
 
-    lines: list[str] = field(default_factory=list)
+    A full sync at 10,000 services writes 250,000 lines, 30 MB. As one string
+    per line they would cost half as much again; joined into one text, the
+    text and its pieces would both be alive while it is joined. So each block
+    of lines (a chain's rules, say) is one string, IPTables.restore writes the
+    blocks one by one (``pieces``), and they are joined only if ``text`` is
+    read (tests, fakes), lines split off only when asked for (error context).
+    """
+
+    __slots__ = ("_blocks", "line_count")
+
+    def __init__(self, lines: Iterable[str] = ()) -> None:
+        self._blocks: list[str] = []
+        self.line_count = 0
+        self.extend(lines)
+
+    def append(self, line: str) -> None:
+        self.extend((line,))
+
+    def extend(self, lines: Iterable[str]) -> None:
+        block = list(lines)
+        if block:
+            self.line_count += len(block)
+            block.append("")  # so the block ends with a newline, without another copy of it
+            self._blocks.append("\n".join(block))
+
+    @property
+    def pieces(self) -> tuple[str, ...]:
+        """The text in the pieces it was added in, in order."""
+        return tuple(self._blocks)
 
     @property
     def text(self) -> str:
-        return "\n".join(self.lines) + "\n" if self.lines else ""
+        """The payload as iptables-restore reads it (every line ends with a newline)."""
+        if len(self._blocks) > 1:
+            self._blocks = ["".join(self._blocks)]
+        return self._blocks[0] if self._blocks else ""
+
+    @property
+    def lines(self) -> list[str]:
+        """The payload's lines, split off the text (a string each: for small payloads)."""
+        return self.text.splitlines()
+
+    def iter_lines(self) -> Iterator[str]:
+        """The payload's lines, a piece at a time (for large payloads)."""
+        for piece in self._blocks:
+            yield from piece.splitlines() if len(piece) <= _BLOCK else iter_lines(piece)
 
     def __bool__(self) -> bool:
-        return bool(self.lines)
+        return self.line_count > 0
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RestorePayload):
+            return NotImplemented
+        return self.text == other.text
+
+    def __repr__(self) -> str:
+        return f"RestorePayload({self.line_count} lines)"
 
 
 @dataclass
@@ -203,7 +302,7 @@ def _changes(desired: Ruleset, existing: Ruleset, table: Table, forced: set[str]
     return change
 
 
-def _section(lines: list[str], table: Table, want: Mapping[str, tuple[str, ...]], *,
+def _section(payload: RestorePayload, table: Table, want: Mapping[str, tuple[str, ...]], *,
              declare: Iterable[str] = (), write: Iterable[str] = (),
              stale: Iterable[str] = (), obsolete: Iterable[tuple[str, str]] = (),
              jumps: Iterable[Jump] = ()) -> None:
@@ -211,15 +310,15 @@ def _section(lines: list[str], table: Table, want: Mapping[str, tuple[str, ...]]
     declare = [name for name in declare if name not in write]
     if not (declare or write or stale or obsolete or jumps):
         return
-    lines.append(f"*{table}")
-    lines.extend(f":{name} - [0:0]" for name in (*declare, *write, *stale))
-    for name in write:
-        lines.extend(f"-A {name} {rule}" for rule in want[name])
-    lines.extend(f"-D {chain} {rule}" for chain, rule in obsolete)
+    payload.append(f"*{table}")
+    payload.extend(f":{name} - [0:0]" for name in (*declare, *write, *stale))
+    for name in write:  # a block per chain: see RestorePayload
+        payload.extend(f"-A {name} {rule}" for rule in want[name])
+    payload.extend(f"-D {chain} {rule}" for chain, rule in obsolete)
     # each jump goes first, so insert in reverse
-    lines.extend(f"-I {jump.chain} 1 {jump.rule}" for jump in reversed(jumps))
-    lines.extend(f"-X {name}" for name in stale)  # flushed above, after their users changed
-    lines.append("COMMIT")
+    payload.extend(f"-I {jump.chain} 1 {jump.rule}" for jump in reversed(jumps))
+    payload.extend(f"-X {name}" for name in stale)  # flushed above, after their users changed
+    payload.append("COMMIT")
 
 
 def render(
@@ -246,7 +345,7 @@ def render(
     payload = RestorePayload()
     for table in (Table.FILTER, Table.NAT):
         c = _changes(desired, existing, table, forced, chains)
-        _section(payload.lines, table, desired.table(table), write=c.write, stale=c.stale,
+        _section(payload, table, desired.table(table), write=c.write, stale=c.stale,
                  obsolete=c.obsolete_jumps, jumps=c.missing_jumps)
     return payload
 
@@ -260,12 +359,18 @@ def render_transactions(
     """Like `render`, split into transactions by ``desired.groups`` (dispatch shards).
 
     For nf_tables, where the cost of one transaction grows much faster than the
-    chains it declares. The first transaction holds the shared chains and the
-    jumps (declaring, empty, any grouped chain they will reference that does
-    not exist yet); then one per group, each carrying a shard's dispatch chain
+    chains it declares. The first transaction holds the shared chains
+    (declaring, empty, any grouped chain they will reference that does not
+    exist yet); then one per group, each carrying a shard's dispatch chain
     together with every chain of the services in it, so a service's chains and
-    its dispatch rules still change together; stale chains go last, when
-    nothing references them any more.
+    its dispatch rules still change together; the jumps from built-in chains
+    and the stale chains go last, when nothing references the latter any more.
+
+    The jumps go last because every nf_tables commit that adds a rule with a
+    jump or an xt match re-validates every rule reachable from a built-in
+    chain (measured at 10,000 services: ~0.25 s a commit, ~16 ms while the
+    services are unreachable). On a first programming that makes each group's
+    commit cheap, and every service becomes reachable at once, complete.
     """
     out: list[RestorePayload] = []
     base = RestorePayload()
@@ -283,12 +388,12 @@ def render_transactions(
         targets = {_target(rule) for name in ungrouped for rule in want[name]}
         placeholders = [n for names in grouped.values() for n in names
                         if n not in have and n in targets]
-        _section(base.lines, table, want, declare=sorted(placeholders), write=ungrouped,
-                 jumps=c.missing_jumps)
+        _section(base, table, want, declare=sorted(placeholders), write=ungrouped)
         for g in sorted(grouped):
-            _section(per_group.setdefault(g, RestorePayload()).lines, table, want,
+            _section(per_group.setdefault(g, RestorePayload()), table, want,
                      write=grouped[g])
-        _section(final.lines, table, want, stale=c.stale, obsolete=c.obsolete_jumps)
+        _section(final, table, want, stale=c.stale, obsolete=c.obsolete_jumps,
+                 jumps=c.missing_jumps)
     out.append(base)
     out.extend(per_group[g] for g in sorted(per_group))
     out.append(final)
@@ -334,11 +439,11 @@ def render_cleanup(existing: Ruleset, owned: Iterable[str] | None = None) -> Res
                     deletes.append(f"-D {chain} {rule}")
         if not (chains or deletes):
             continue
-        payload.lines.append(f"*{table}")
-        payload.lines.extend(f":{name} - [0:0]" for name in chains)
-        payload.lines.extend(deletes)
-        payload.lines.extend(f"-X {name}" for name in chains)
-        payload.lines.append("COMMIT")
+        payload.append(f"*{table}")
+        payload.extend(f":{name} - [0:0]" for name in chains)
+        payload.extend(deletes)
+        payload.extend(f"-X {name}" for name in chains)
+        payload.append("COMMIT")
     return payload
 
 

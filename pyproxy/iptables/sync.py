@@ -23,12 +23,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from pyproxy import sysctl
+from pyproxy import gcpolicy, sysctl
 from pyproxy.conntrack import StaleFlowCleaner
 from pyproxy.iptables.generation import commits
 from pyproxy.iptables.plan import Plan, PlanContext, Planner
 from pyproxy.iptables.restore import Backend, IPTables
 from pyproxy.iptables.ruleset import (
+    RestorePayload,
     Ruleset,
     Table,
     parse_save,
@@ -85,6 +86,11 @@ class IPTablesDataplane:
             self.conntrack.set_node(ctx.node)
 
     def sync(self, snapshot: Snapshot, *, full: bool) -> SyncResult:
+        # The first full sync builds most of what the process keeps (pyproxy.gcpolicy).
+        with gcpolicy.first_full_sync():
+            return self._sync(snapshot, full=full)
+
+    def _sync(self, snapshot: Snapshot, *, full: bool) -> SyncResult:
         if full and self.ctx.localhost_node_ports and self.ctx.family is IPFamily.IPv4:
             # NodePorts on 127.0.0.1 are DNATed off the host: allowed only with route_localnet.
             sysctl.ensure("net.ipv4.conf.all.route_localnet", 1)
@@ -98,7 +104,7 @@ class IPTablesDataplane:
         unchanged = generation is not None and generation == self.verified_generation
         kernel_read = full and not unchanged
         if kernel_read:
-            existing = parse_save(self.iptables.save())
+            existing = parse_save(self.iptables.save_lines(), like=planned.ruleset)
             touched = None
         elif full:
             assert self.applied is not None
@@ -110,13 +116,14 @@ class IPTablesDataplane:
         # legacy rewrites the whole table on every restore, so one transaction is cheapest
         # there; nf_tables pays for large transactions, so big ones are split by shard.
         if (self.iptables.backend is Backend.NFT
-                and len(payloads[0].lines) > SINGLE_TRANSACTION_LINES):
+                and payloads[0].line_count > SINGLE_TRANSACTION_LINES):
+            payloads.clear()  # let the single payload go before its pieces are rendered
             payloads = render_transactions(planned.ruleset, existing, chains=touched)
         lines = 0
         try:
             for payload in payloads:
                 self.iptables.restore(payload)
-                lines += len(payload.lines)
+                lines += payload.line_count
         except Exception:
             self.applied = None  # unknown kernel state: the next sync must be full
             self.verified_generation = None
@@ -124,8 +131,7 @@ class IPTablesDataplane:
                 self.conntrack.forget()  # and the next conntrack cleanup must reconcile
             raise
         self._remember(planned.ruleset, touched)
-        self.verified_generation = self._verify(generation, kernel_read or unchanged,
-                                                sum(commits(p.lines) for p in payloads))
+        self.verified_generation = self._verify(generation, kernel_read or unchanged, payloads)
         t2 = time.perf_counter()
         deleted, failed = self._delete_stale_flows(snapshot, full)
         log.debug("iptables sync", extra={"full": full, "lines": lines,
@@ -134,17 +140,19 @@ class IPTablesDataplane:
                           kernel_read=kernel_read,
                           conntrack_deleted=deleted, conntrack_failed=failed)
 
-    def _verify(self, before: int | None, known: bool, ours: int) -> int | None:
+    def _verify(self, before: int | None, known: bool,
+                payloads: list[RestorePayload]) -> int | None:
         """The generation at which the kernel now holds ``applied``, if that is proven.
 
         Proven when the kernel held ``applied``'s predecessor at ``before`` (it was
         just read, or proven unchanged) and the generation moved by exactly our own
         commits since: any other commit in between makes the count differ.
         """
-        if before is None or not known:
+        if before is None or not known:  # legacy has no generation: skip counting
             return None
         after = self.iptables.generation()
-        return after if after == before + ours else None
+        ours = sum(commits(p.iter_lines()) for p in payloads)
+        return after if after is not None and after == before + ours else None
 
     def _remember(self, desired: Ruleset, touched: frozenset[tuple[Table, str]] | None) -> None:
         """What the kernel now holds, for the next partial sync: updated in place."""
@@ -181,4 +189,4 @@ class IPTablesDataplane:
         self.iptables.restore(payload)
         self.applied = None
         self.verified_generation = None
-        return len(payload.lines)
+        return payload.line_count

@@ -116,12 +116,12 @@ class IPVSDataplane:
         self.last, self.applied = desired, desired.ruleset
         t2 = time.perf_counter()
         log.debug("ipvs sync", extra={"full": full, "operations": len(ops),
-                                      "lines": len(payload.lines)})
+                                      "lines": payload.line_count})
         for op in ops[:50]:
             log.debug("ipvs operation", extra={"operation": repr(op)})
         for line in payload.lines[:50]:
             log.debug("iptables line", extra={"line": line})
-        return IPVSSyncResult(full, len(payload.lines) + len(ops), desired, len(ops),
+        return IPVSSyncResult(full, payload.line_count + len(ops), desired, len(ops),
                               t1 - t0, t2 - t1)
 
     def cleanup(self) -> None:

@@ -123,11 +123,11 @@ class FakeIPTables:
         self.saves = saves
         self.restored: list[tuple[str, str]] = []
 
-    def __call__(self, argv: Sequence[str], stdin: str | None = None
+    def __call__(self, argv: Sequence[str], stdin: str | Sequence[str] | None = None
                  ) -> subprocess.CompletedProcess[str]:
         tool = argv[0]
-        if tool.endswith("-restore"):
-            self.restored.append((tool, stdin or ""))
+        if tool.endswith("-restore"):  # a restore's input comes in pieces (IPTables.restore)
+            self.restored.append((tool, "".join(stdin or "")))
             return subprocess.CompletedProcess(list(argv), 0, "", "")
         text = self.saves.get(tool.removesuffix("-save"))
         if text is None:
@@ -445,6 +445,7 @@ def test_cleanup_iptables_every_backend_that_works() -> None:
     assert sorted(report.iptables_lines) == ["ip6tables-nft", "iptables-nft"]
     assert [tool for tool, _ in fake.restored] == ["iptables-nft-restore",
                                                   "ip6tables-nft-restore"]
+    assert fake.restored[0][1] == render_kube_proxy_cleanup(parse_tables(kp.IPTABLES_MODE)).text
     assert report.errors == []
 
 

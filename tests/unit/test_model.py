@@ -561,6 +561,19 @@ def test_slice_basic() -> None:
     assert ep.zone_hints is None and ep.node_hints is None
 
 
+def test_slice_keeps_one_copy_of_names_that_repeat() -> None:
+    # Names built at run time, as a JSON decoder's are: equal, but each its own object.
+    a, b = (parse_slice_ok(eps_slice(
+        endpoint(ip, nodeName="-".join(["node", "a"]), zone="".join(["z", "1"]),
+                 hints={"forZones": [{"name": "".join(["z", "1"])}]}),
+        namespace="".join(["de", "fault"]))) for ip in ("10.1.0.1", "10.1.0.2"))
+    ea, eb = a.endpoints[0], b.endpoints[0]
+    assert ea.node_name is eb.node_name and ea.zone is eb.zone
+    assert ea.zone_hints is not None and eb.zone_hints is not None
+    assert ea.zone_hints[0] is eb.zone_hints[0] is ea.zone
+    assert a.namespace is b.namespace
+
+
 def test_slice_without_service_label_is_ignored() -> None:
     assert parse_endpoint_slice(eps_slice(endpoint("10.1.0.1"), service_name=None)) is None
     assert parse_endpoint_slice(eps_slice(endpoint("10.1.0.1"), service_name="")) is None

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from pyproxy.iptables import ruleset
 from pyproxy.iptables.plan import PlanContext, plan
 from pyproxy.iptables.ruleset import (
     Jump,
@@ -31,6 +32,7 @@ from pyproxy.iptables.ruleset import (
     Table,
     is_owned_chain,
     is_owned_rule,
+    iter_lines,
     parse_save,
     render,
     render_cleanup,
@@ -372,6 +374,52 @@ def test_parse_save_round_trips_through_the_kernel() -> None:
     again.tables.update(
         {str(t): {c: list(r) for c, r in chains.items()} for t, chains in first.chains.items()})
     assert again.read().chains == first.chains
+
+
+def test_parse_save_reads_lines_as_they_come_and_long_texts_a_block_at_a_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = parse_save(SAVE)
+    # IPTables.save_lines gives the lines as the pipe does, newlines included.
+    assert parse_save(iter(SAVE.splitlines(keepends=True))) == whole
+    monkeypatch.setattr(ruleset, "_BLOCK", 7)  # blocks shorter than a line
+    assert list(iter_lines(SAVE)) == SAVE.splitlines()
+    assert list(iter_lines(SAVE.rstrip("\n"))) == SAVE.splitlines()
+    assert parse_save(SAVE) == whole
+
+
+def test_parse_save_like_the_plan_shares_the_plans_strings_and_nothing_else() -> None:
+    want = planned()
+    kernel = applied(want)
+    drifted = next(c for c in kernel.owned("nat") if kernel.tables["nat"][c][1:])
+    kernel.tables["nat"][drifted][1] += " --random"  # someone edited the second rule
+    text = kernel.save()
+    shared = parse_save(text, like=want)
+    assert shared == parse_save(text)  # the same ruleset, whatever it shares
+    for table in (Table.FILTER, Table.NAT):
+        for chain, rules in want.table(table).items():
+            if chain != drifted:
+                assert shared.table(table)[chain] is rules  # the plan's own tuple
+    first, second, *_ = shared.table(Table.NAT)[drifted]
+    assert first is want.table(Table.NAT)[drifted][0]  # equal rules are still shared
+    assert second == want.table(Table.NAT)[drifted][1] + " --random"  # the kernel's rule
+    # Foreign rules in built-in chains are the kernel's, never taken from the plan.
+    assert shared.table(Table.FILTER)["INPUT"] == parse_save(text).table(Table.FILTER)["INPUT"]
+
+
+def test_restore_payload_is_its_text_built_a_block_at_a_time() -> None:
+    payload = RestorePayload(["*nat"])
+    payload.extend(f"-A PYPROXY-X -j RULE{i}" for i in range(3))
+    payload.extend([])  # nothing to add adds nothing
+    payload.append("COMMIT")
+    assert payload.line_count == 5 and payload
+    assert payload.text == "*nat\n" + "".join(f"-A PYPROXY-X -j RULE{i}\n" for i in range(3)) \
+        + "COMMIT\n"
+    assert payload.lines == list(payload.iter_lines()) == payload.text.splitlines()
+    assert payload.text is payload.text  # joined once
+    payload.append("*filter")  # and again after more lines
+    assert payload.text.endswith("COMMIT\n*filter\n") and payload.line_count == 6
+    assert payload == RestorePayload(payload.lines) != RestorePayload(payload.lines[:-1])
+    assert not RestorePayload() and RestorePayload().text == "" and RestorePayload().lines == []
 
 
 def test_planned_rules_survive_restore_and_save_unchanged() -> None:

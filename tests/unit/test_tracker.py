@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from ipaddress import ip_address
 from typing import Any
 
@@ -264,6 +265,28 @@ def test_reverted_slice_change_not_reported(tracker: ChangeTracker) -> None:
     snap = tracker.checkout()
     assert snap.changed == frozenset()
     assert ips(snap.endpoints[spn()]) == ["10.1.0.1"]
+
+
+def test_reordered_ports_are_no_change(tracker: ChangeTracker) -> None:
+    two = [{"name": "http", "port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"}]
+    tracker.set_service(service(ports=two))
+    assert tracker.checkout().changed_ports == {spn(), spn(port="dns", protocol=Protocol.UDP)}
+    tracker.set_service(service(ports=two[::-1]))  # the same ports, listed the other way
+    snap = tracker.checkout()
+    assert snap.changed == frozenset() and snap.changed_ports == frozenset()
+    assert set(snap.services) == {spn(), spn(port="dns", protocol=Protocol.UDP)}
+
+
+def test_state_keeps_one_copy_of_repeated_names(tracker: ChangeTracker) -> None:
+    # Each object comes with its own strings (as from JSON); the model keeps one of each.
+    tracker.set_service(service(namespace="".join(["de", "fault"])))
+    for n in range(2):
+        tracker.set_slice(eps_slice(f"web-{n}", "web", f"10.1.0.{n + 1}",
+                                    namespace="".join(["de", "fault"]), node_name=f"node-{n}"))
+    snap = tracker.checkout()
+    a, b = snap.endpoints[spn()]
+    assert a.node_name == "node-0" and a.node_name is sys.intern("node-0")
+    assert snap.services[spn()].name.namespace is sys.intern("default")
 
 
 def test_endpoint_moving_between_slices_not_reported(tracker: ChangeTracker) -> None:
