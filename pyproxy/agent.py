@@ -19,7 +19,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -351,17 +351,17 @@ class Agent:
             kube.CallbackHandler(counted("service", t.set_service),
                                  counted("service", lambda o: t.delete_service(*_key(o))),
                                  t.replace_services, lock),
-            label_selector=selector, on_event=self._changed)
+            label_selector=selector, on_event=self._changed, stream_list=True)
         slices = kube.Informer(
             "endpointslices", discovery.list_endpoint_slice_for_all_namespaces,
             kube.CallbackHandler(counted("endpoints", t.set_slice),
                                  counted("endpoints", lambda o: t.delete_slice(*_key(o))),
                                  t.replace_slices, lock),
-            label_selector=selector, on_event=self._changed)
+            label_selector=selector, on_event=self._changed, stream_list=True)
         node = kube.Informer(
             "node", core.list_node,
             kube.CallbackHandler(self.set_node, lambda _o: self.set_node(None),
-                                 lambda objs: self.set_node(objs[0] if objs else None)),
+                                 lambda objs: self.set_node(next(iter(objs), None))),
             field_selector=f"metadata.name={self.node_name}")
         out = [services, slices, node]
         if config_map is not None:
@@ -371,10 +371,14 @@ class Agent:
                 data = (obj or {}).get("data") or {}
                 self.apply_config_text(data.get(CONFIG_KEY), f"configmap {ns}/{name}")
 
+            def on_cm_list(objs: Iterable[Mapping[str, Any]]) -> None:
+                for obj in objs:  # at most one (a field selector on the name)
+                    on_cm(obj)
+
             out.append(kube.Informer(
                 "configmap", _namespaced(core.list_namespaced_config_map, ns),
                 kube.CallbackHandler(on_cm, lambda _o: None,
-                                     lambda objs: on_cm(objs[0]) if objs else None),
+                                     on_cm_list),
                 field_selector=f"metadata.name={name}"))
         return out
 

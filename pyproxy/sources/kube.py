@@ -28,7 +28,7 @@ import json
 import logging
 import random
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -55,12 +55,16 @@ def proxy_label_selector(service_proxy_name: str | None) -> str:
 
 
 class Handler(Protocol):
-    def replace(self, objects: list[dict[str, Any]]) -> None: ...
+    def replace(self, objects: Iterable[dict[str, Any]]) -> None: ...
     def apply(self, event_type: str, obj: dict[str, Any]) -> None: ...
 
 
 class Gone(Exception):
     """The resourceVersion (or continue token) is too old: relist."""
+
+
+class ContinueExpired(Exception):
+    """The continue token expired in the middle of a list: list again from the start."""
 
 
 def api_client(kubeconfig: str | None) -> client.ApiClient:
@@ -106,8 +110,12 @@ class Informer:
     max_backoff: float = 30.0
     unreachable_max_backoff: float = UNREACHABLE_MAX_BACKOFF
     on_event: Callable[[], None] = lambda: None
+    # Hand a list to the handler a page at a time rather than whole: at 10,000
+    # EndpointSlices the raw objects of a whole list were the agent's peak memory.
+    stream_list: bool = False
     synced: threading.Event = field(default_factory=threading.Event)
     resource_version: str | None = None
+    listed_version: str = ""  # the last complete list's resourceVersion (iter_list)
     errors: int = 0
     failures: int = 0  # consecutive failures since the last progress (list or event)
 
@@ -121,11 +129,14 @@ class Informer:
 
     # -- one list ---------------------------------------------------------------
 
-    def list_all(self) -> tuple[list[dict[str, Any]], str]:
-        """A consistent paginated list; restarts from scratch if the token expires."""
-        items: list[dict[str, Any]] = []
+    def iter_list(self) -> Iterator[dict[str, Any]]:
+        """A consistent paginated list, an object at a time as its pages arrive.
+
+        Only one page is held at once. The list's resourceVersion is in
+        ``listed_version`` once the iterator is exhausted; ContinueExpired if the
+        continue token expires part way (the caller lists again from scratch).
+        """
         token: str | None = None
-        rv = ""
         while True:
             kwargs: dict[str, Any] = {"limit": self.page_size, **self._selectors()}
             if token:
@@ -135,17 +146,42 @@ class Informer:
                                     _request_timeout=(CONNECT_TIMEOUT, 60), **kwargs)
             except ApiException as err:
                 if err.status == 410 and token:
-                    log.info("continue token expired; relisting", extra={"informer": self.name})
-                    items, token = [], None
-                    continue
+                    raise ContinueExpired(str(err)) from err
                 raise
             body = json.loads(resp.data)
-            items.extend(body.get("items") or [])
+            del resp
             meta = body.get("metadata") or {}
-            rv = meta.get("resourceVersion", "")
             token = meta.get("continue") or None
             if not token:
-                return items, rv
+                self.listed_version = meta.get("resourceVersion", "")
+            yield from body.get("items") or []
+            if not token:
+                return
+
+    def relist(self) -> tuple[int, str]:
+        """List into the handler's replace (streamed if ``stream_list``): (count, version).
+
+        If the continue token expires part way, the objects handed over so far
+        stay set (nothing is deleted by an unfinished replace), and a fresh
+        replace from the start follows, so what the list no longer holds goes.
+        """
+        while True:
+            count = 0
+
+            def counted(objects: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+                nonlocal count
+                for obj in objects:
+                    count += 1
+                    yield obj
+
+            try:
+                if self.stream_list:
+                    self.handler.replace(counted(self.iter_list()))
+                else:
+                    self.handler.replace(list(counted(self.iter_list())))
+                return count, self.listed_version
+            except ContinueExpired:
+                log.info("continue token expired; relisting", extra={"informer": self.name})
 
     # -- one watch ----------------------------------------------------------------
 
@@ -189,13 +225,12 @@ class Informer:
 
     def _session(self, stop: threading.Event) -> None:
         if self.resource_version is None:
-            items, rv = self.list_all()
-            self.handler.replace(items)
+            count, rv = self.relist()
             self.resource_version = rv
             self.failures = 0
             self.synced.set()
             self.on_event()
-            log.info("listed", extra={"informer": self.name, "items": len(items),
+            log.info("listed", extra={"informer": self.name, "items": count,
                                       "resource_version": rv})
         self.watch_once(stop)
 
@@ -255,10 +290,10 @@ class CallbackHandler:
 
     on_set: Callable[[dict[str, Any]], None]
     on_delete: Callable[[dict[str, Any]], None]
-    on_replace: Callable[[list[dict[str, Any]]], None]
+    on_replace: Callable[[Iterable[dict[str, Any]]], None]
     lock: AbstractContextManager[Any] = field(default_factory=contextlib.nullcontext)
 
-    def replace(self, objects: list[dict[str, Any]]) -> None:
+    def replace(self, objects: Iterable[dict[str, Any]]) -> None:
         with self.lock:
             self.on_replace(objects)
 
