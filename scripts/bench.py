@@ -55,7 +55,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -395,22 +395,36 @@ class RecordingRunner:
         self.label = "payload"
         self._n = itertools.count()
 
-    def __call__(self, argv: Sequence[str], stdin: str | Sequence[str] | None = None,
+    def __call__(self, argv: Sequence[str], stdin: str | Iterable[str] | None = None,
                  timeout: float = 120) -> subprocess.CompletedProcess[str]:
         from pyproxy.iptables.restore import _run
 
-        t0 = time.perf_counter()
-        proc = _run(argv, stdin, timeout)
-        t1 = time.perf_counter()
-        pieces = [stdin] if isinstance(stdin, str) else stdin or []
-        lines = sum(piece.count("\n") for piece in pieces)
-        self.calls.append(Call(list(argv), t1 - t0, proc.returncode, lines))
-        if stdin is not None and "restore" in argv[0]:
-            path = self.outdir / f"{self.label}-{next(self._n):03d}.txt"
-            with path.open("w") as out:
-                out.writelines(pieces)
-            self.files.append(str(path))
-        self.overhead += time.perf_counter() - t1
+        if stdin is None or "restore" not in argv[0]:
+            t0 = time.perf_counter()
+            proc = _run(argv, stdin, timeout)
+            self.calls.append(Call(list(argv), time.perf_counter() - t0, proc.returncode, 0))
+            return proc
+        path = self.outdir / f"{self.label}-{next(self._n):03d}.txt"
+        lines, copying = 0, 0.0
+
+        def tee(pieces: Iterable[str]) -> Iterator[str]:
+            # Pieces may be rendered as they are written (a streamed payload): copy each
+            # to the file on its way to the tool, and count the copying as overhead.
+            nonlocal lines, copying
+            for piece in pieces:
+                c0 = time.perf_counter()
+                out.write(piece)
+                lines += piece.count("\n")
+                copying += time.perf_counter() - c0
+                yield piece
+
+        with path.open("w") as out:
+            t0 = time.perf_counter()
+            proc = _run(argv, tee([stdin] if isinstance(stdin, str) else stdin), timeout)
+            t1 = time.perf_counter()
+        self.calls.append(Call(list(argv), t1 - t0 - copying, proc.returncode, lines))
+        self.files.append(str(path))
+        self.overhead += copying + time.perf_counter() - t1
         return proc
 
     def lines(self, argv: Sequence[str]) -> Iterator[str]:
@@ -633,10 +647,18 @@ def worker_floor(p: JSON) -> JSON:
         out["save_both_s"] = median(both)
         out["save_all_s"] = median([_timed([_tool(backend, "save")])[0] for _ in range(3)])
     if backend == "nft" and p.get("saves"):
-        # One rule with an xt match into a chain no built-in chain reaches: a commit the
-        # kernel need not re-validate the reachable ruleset for, unlike any pyproxy write.
+        # What one small commit costs with the services reachable from the built-in chains
+        # and with them unhooked (this namespace is the floor's own, thrown away after):
+        # any commit adding a jump or an xt match makes the kernel re-validate every
+        # rule reachable from a built-in chain, wherever the new rule goes.
         probe = "*nat\n:BENCH-PROBE - [0:0]\n-A BENCH-PROBE -m comment --comment probe\nCOMMIT\n"
-        out["unreachable_commit_s"] = median([_timed(argv, probe)[0] for _ in range(5)])
+        out["hooked_commit_s"] = median([_timed(argv, probe)[0] for _ in range(5)])
+        nat = _timed([_tool(backend, "save"), "-t", "nat"])[1].stdout
+        hooks = [line[3:] for line in nat.splitlines()
+                 if line.startswith(("-A PREROUTING ", "-A OUTPUT ")) and "PYPROXY" in line]
+        unhook = "*nat\n" + "".join(f"-D {h}\n" for h in hooks) + "COMMIT\n"
+        if _timed(argv, unhook)[1].returncode == 0:
+            out["unhooked_commit_s"] = median([_timed(argv, probe)[0] for _ in range(5)])
     return out
 
 
@@ -683,19 +705,10 @@ def waited_on_full(syncs: Sequence[tuple[float, float, bool, int]], wrote: float
     return any(s[2] and s[1] > wrote and s[0] <= applied_by[0] for s in syncs)
 
 
-def worker_latency(p: JSON) -> JSON:
-    """The tests' API server and pyproxy's Agent in this process; timed changes through the API."""
-    sys.path.insert(0, str(ROOT))
-    from pyproxy.agent import Agent, plan_context
-    from pyproxy.config import load_config
-    from pyproxy.iptables.restore import Backend, IPTables
-    from pyproxy.iptables.sync import IPTablesDataplane
-    from pyproxy.model import parse_node
-    from pyproxy.sources import kube
+def _serve_api(shape: Shape, kubeconfig: Path, conn: Any) -> None:
+    """The tests' API server holding ``shape``, in its own process until told to stop."""
     from tests.api.server import FakeKubeAPI
 
-    shape = Shape(p["services"], p["endpoints"])
-    rate, duration = float(p["rate"]), float(p["seconds"])
     api = FakeKubeAPI().start()
     t0 = time.perf_counter()
     api.create(node_object())
@@ -704,9 +717,42 @@ def worker_latency(p: JSON) -> JSON:
     for obj in shape.slice_objects():
         api.create(obj)
     _log(f"latency: API server holds {shape.label} ({time.perf_counter() - t0:.1f} s to load)")
+    api.write_kubeconfig(kubeconfig)
+    conn.send(peak_rss_mb())
+    conn.recv()
+    api.stop()
+
+
+def worker_latency(p: JSON) -> JSON:
+    """pyproxy's Agent against the tests' API server; timed changes written through the API.
+
+    The API server runs in a forked process of its own, so this process's peak
+    RSS is the agent's (with its Kubernetes client), as on a node.
+    """
+    import multiprocessing
+
+    sys.path.insert(0, str(ROOT))
+    from kubernetes import client as k8s
+
+    from pyproxy.agent import Agent, plan_context
+    from pyproxy.config import load_config
+    from pyproxy.iptables.restore import Backend, IPTables
+    from pyproxy.iptables.sync import IPTablesDataplane
+    from pyproxy.model import parse_node
+    from pyproxy.sources import kube
+
+    shape = Shape(p["services"], p["endpoints"])
+    rate, duration = float(p["rate"]), float(p["seconds"])
 
     with tempfile.TemporaryDirectory(prefix="pyproxy-bench-") as tmp:
-        kubeconfig = api.write_kubeconfig(Path(tmp) / "kubeconfig")
+        kubeconfig = Path(tmp) / "kubeconfig"
+        fork = multiprocessing.get_context("fork")  # before any thread of ours exists
+        conn, child_conn = fork.Pipe()
+        server = fork.Process(target=_serve_api, args=(shape, kubeconfig, child_conn),
+                              name="api-server", daemon=True)
+        server.start()
+        api_rss_mb = conn.recv()
+        discovery = k8s.DiscoveryV1Api(kube.api_client(str(kubeconfig)))
         config, _ = load_config(None, {
             "min_sync_period": f"{p['min_sync_period']}s", "sync_period": f"{p['sync_period']}s",
             "hostname_override": NODE_NAME, "cluster_cidr": POD_CIDR})
@@ -756,7 +802,8 @@ def worker_latency(p: JSON) -> JSON:
             i = rng.randrange(shape.services)
             sl = edits.change(i, k % shape.endpoints, seq=k)
             writes.append(time.monotonic())
-            api.update(sl)
+            meta = sl["metadata"]  # no resourceVersion: an unconditional update
+            discovery.replace_namespaced_endpoint_slice(meta["name"], meta["namespace"], sl)
         window_end = time.monotonic()
         deadline = window_end + float(p["drain_timeout"])
         with observer.cond:
@@ -768,7 +815,8 @@ def worker_latency(p: JSON) -> JSON:
                 observer.cond.wait(0.5)
         agent.stop.set()
         agent.close()
-        api.stop()
+        conn.send("stop")
+        server.join(10)
         syncs = list(observer.syncs)
 
     latencies: list[float] = []
@@ -803,6 +851,7 @@ def worker_latency(p: JSON) -> JSON:
         "partial_sync_median_s": median(partial),
         "partial_sync_max_s": max(partial, default=None),
         "rss_peak_mb": peak_rss_mb(),
+        "api_server_rss_mb": api_rss_mb,
     }
 
 
@@ -1213,10 +1262,11 @@ def _scale_rows(table: str, group: str, backend: str, r: JSON, fl: JSON,
             fmt_s(fl.get("save_both_s")), fmt_ratio(ratio_of(rf["total_s"], fl.get("save_both_s"))),
             *check("≤ 3 s, writes nothing",
                    "PASS" if rf["total_s"] <= 3.0 and rf["lines"] == 0 else "MISS")))
-    if fl.get("unreachable_commit_s") is not None:
-        rows.append(Row(table, group, "context: one rule committed where no built-in chain "
-                        "reaches it (every commit adding a jump or xt match re-validates all "
-                        "reachable rules)", "", fmt_s(fl["unreachable_commit_s"])))
+    if fl.get("unhooked_commit_s") is not None:
+        rows.append(Row(table, group, "context: a one-rule commit (xt comment match, new chain), "
+                        "with the services reachable / unhooked from PREROUTING and OUTPUT: "
+                        "the kernel re-validates every reachable rule on such a commit", "",
+                        f"{fmt_s(fl['hooked_commit_s'])} / {fmt_s(fl['unhooked_commit_s'])}"))
     rows.append(Row(table, group, f"context: iptables-{backend}-save -t nat "
                     f"({r['nat_rules']:,} nat rules, {r['nat_chains']:,} chains)", "",
                     fmt_s(fl.get("save_nat_s"))))
@@ -1311,8 +1361,12 @@ def section_latency(bench: Bench) -> list[Row]:
                         result=verdict(r["p99_s"], limit) if not r["unapplied"] else "MISS"))
         rows.append(Row(table, group, f"  p99 of the {r['partial_only']} changes no periodic "
                         "full resync held up", fmt_s(r["partial_only_p99_s"])))
-        rows.append(Row(table, group, "peak RSS (agent + in-process API server)",
-                        f"{r['rss_peak_mb']:.0f} MB"))
+        api_rss = r.get("api_server_rss_mb")
+        rows.append(Row(table, group, "peak RSS of the agent's process (informers, Kubernetes "
+                        "client, tracker, planner, applier; the API server runs in its own"
+                        + (f", {api_rss:.0f} MB)" if api_rss else ")"),
+                        f"{r['rss_peak_mb']:.0f} MB", target="≤ 200 MB",
+                        result=verdict(r["rss_peak_mb"], 200)))
     return rows
 
 

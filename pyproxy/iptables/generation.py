@@ -45,5 +45,7 @@ def commits(lines: Iterable[str]) -> int:
     command (pyproxy never writes empty sections), and each batch bumps the
     generation by one; measured on iptables 1.8.9, a failed restore bumps it by
     none. Counting too few only costs a kernel read; never count too many.
+    ``lines`` may also be a payload's pieces, where each ``*table`` line is a
+    piece of its own.
     """
     return sum(1 for line in lines if line.startswith("*"))

@@ -15,7 +15,7 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from pyproxy.iptables.generation import GenerationReader, read_generation
@@ -45,7 +45,7 @@ class IPTablesError(RuntimeError):
         self.context = context
 
 
-def _run(argv: Sequence[str], stdin: str | Sequence[str] | None = None,
+def _run(argv: Sequence[str], stdin: str | Iterable[str] | None = None,
          timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run a program to its end; ``stdin`` is its input, one text or its pieces in order.
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import enum
 import re
 import shlex
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 PREFIX = "PYPROXY-"
 MAX_CHAIN_NAME = 28  # the kernel's xt_table name limit (XT_EXTENSION_MAXNAMELEN - 1)
@@ -222,8 +223,14 @@ class RestorePayload:
             block.append("")  # so the block ends with a newline, without another copy of it
             self._blocks.append("\n".join(block))
 
+    def add_block(self, block: str) -> None:
+        """Whole lines, each ending with a newline, as one piece."""
+        if block:
+            self.line_count += block.count("\n")
+            self._blocks.append(block)
+
     @property
-    def pieces(self) -> tuple[str, ...]:
+    def pieces(self) -> Iterable[str]:
         """The text in the pieces it was added in, in order."""
         return tuple(self._blocks)
 
@@ -254,6 +261,29 @@ class RestorePayload:
 
     def __repr__(self) -> str:
         return f"RestorePayload({self.line_count} lines)"
+
+
+class StreamedPayload(RestorePayload):
+    """A payload whose pieces are rendered anew each time they are read (`Pending.stream`)."""
+
+    __slots__ = ("_source",)
+
+    def __init__(self, source: Callable[[], Iterable[str]], line_count: int) -> None:
+        super().__init__()
+        self._source = source
+        self.line_count = line_count
+
+    @property
+    def pieces(self) -> Iterable[str]:
+        return self._source()
+
+    @property
+    def text(self) -> str:
+        return "".join(self._source())
+
+    def iter_lines(self) -> Iterator[str]:
+        for piece in self._source():
+            yield from piece.splitlines()
 
 
 @dataclass
@@ -302,23 +332,148 @@ def _changes(desired: Ruleset, existing: Ruleset, table: Table, forced: set[str]
     return change
 
 
-def _section(payload: RestorePayload, table: Table, want: Mapping[str, tuple[str, ...]], *,
-             declare: Iterable[str] = (), write: Iterable[str] = (),
-             stale: Iterable[str] = (), obsolete: Iterable[tuple[str, str]] = (),
-             jumps: Iterable[Jump] = ()) -> None:
+def _section_blocks(table: Table, want: Mapping[str, tuple[str, ...]], *,
+                    declare: Iterable[str] = (), write: Iterable[str] = (),
+                    stale: Iterable[str] = (), obsolete: Iterable[tuple[str, str]] = (),
+                    jumps: Iterable[Jump] = ()) -> Iterator[str]:
+    """One table's section, a block of whole lines at a time (a chain's rules, say).
+
+    The ``*table`` line is a block of its own (generation.commits counts them).
+    """
     write, stale, obsolete, jumps = list(write), list(stale), list(obsolete), list(jumps)
     declare = [name for name in declare if name not in write]
     if not (declare or write or stale or obsolete or jumps):
         return
-    payload.append(f"*{table}")
-    payload.extend(f":{name} - [0:0]" for name in (*declare, *write, *stale))
-    for name in write:  # a block per chain: see RestorePayload
-        payload.extend(f"-A {name} {rule}" for rule in want[name])
-    payload.extend(f"-D {chain} {rule}" for chain, rule in obsolete)
+    yield f"*{table}\n"
+    yield "".join(f":{name} - [0:0]\n" for name in (*declare, *write, *stale))
+    for name in write:
+        if rules := want[name]:
+            prefix = f"-A {name} "
+            yield prefix + f"\n{prefix}".join(rules) + "\n"
+    yield "".join(f"-D {chain} {rule}\n" for chain, rule in obsolete)
     # each jump goes first, so insert in reverse
-    payload.extend(f"-I {jump.chain} 1 {jump.rule}" for jump in reversed(jumps))
-    payload.extend(f"-X {name}" for name in stale)  # flushed above, after their users changed
-    payload.append("COMMIT")
+    yield "".join(f"-I {jump.chain} 1 {jump.rule}\n" for jump in reversed(jumps))
+    yield "".join(f"-X {name}\n" for name in stale)  # flushed above, after their users changed
+    yield "COMMIT\n"
+
+
+def _section(payload: RestorePayload, table: Table, want: Mapping[str, tuple[str, ...]],
+             **parts: Any) -> None:
+    for block in _section_blocks(table, want, **parts):
+        payload.add_block(block)
+
+
+@dataclass
+class Pending:
+    """What turns ``existing`` (pyproxy's part) into ``desired``, before any text exists.
+
+    Sized first (``line_count``), so a sync can choose between one transaction
+    and several without rendering both, then rendered either way.
+    """
+
+    desired: Ruleset
+    existing: Ruleset
+    changes: list[_TableChange]
+
+    @property
+    def line_count(self) -> int:
+        """Exactly the lines `render` would write."""
+        total = 0
+        for c in self.changes:
+            if not c:
+                continue
+            want = self.desired.table(c.table)
+            total += (2 + 2 * len(c.stale) + len(c.write) + len(c.obsolete_jumps)
+                      + len(c.missing_jumps) + sum(len(want[name]) for name in c.write))
+        return total
+
+    def render(self) -> RestorePayload:
+        """One transaction (filter and nat together)."""
+        payload = RestorePayload()
+        for block in self._blocks():
+            payload.add_block(block)
+        return payload
+
+    def stream(self) -> RestorePayload:
+        """`render`'s transaction, rendered again each time it is written, never held.
+
+        For legacy's one transaction of a full sync: 30 MB at 10,000 services,
+        which iptables-restore reads as it is rendered.
+        """
+        return StreamedPayload(self._blocks, self.line_count)
+
+    def _blocks(self) -> Iterator[str]:
+        for c in self.changes:
+            yield from _section_blocks(c.table, self.desired.table(c.table), write=c.write,
+                                       stale=c.stale, obsolete=c.obsolete_jumps,
+                                       jumps=c.missing_jumps)
+
+    def transactions(self) -> Iterator[RestorePayload]:
+        """Split by ``desired.groups`` (dispatch shards), rendered one at a time.
+
+        For nf_tables, where the cost of one transaction grows much faster than
+        the chains it declares. The first transaction holds the shared chains
+        (declaring, empty, any grouped chain they will reference that does not
+        exist yet); then one per group, each carrying a shard's dispatch chain
+        together with every chain of the services in it, so a service's chains
+        and its dispatch rules still change together; the jumps from built-in
+        chains and the stale chains go last, when nothing references the latter
+        any more. Only the transaction being written is held (30 MB in all at
+        10,000 services).
+
+        The jumps go last because every nf_tables commit that adds a rule with a
+        jump or an xt match re-validates every rule reachable from a built-in
+        chain (measured at 10,000 services: ~0.25 s a commit, ~16 ms while the
+        services are unreachable). On a first programming that makes each
+        group's commit cheap, and every service becomes reachable at once,
+        complete.
+        """
+        shared: list[tuple[_TableChange, list[str], list[str]]] = []
+        groups: dict[int, list[tuple[Table, list[str]]]] = {}
+        for c in self.changes:
+            want, have = self.desired.table(c.table), self.existing.table(c.table)
+            grouped: dict[int, list[str]] = {}
+            ungrouped: list[str] = []
+            for name in c.write:
+                g = self.desired.groups.get(name)
+                (ungrouped if g is None else grouped.setdefault(g, [])).append(name)
+            # Only the shared chains' jump targets need to exist before their own transaction.
+            targets = {_target(rule) for name in ungrouped for rule in want[name]}
+            placeholders = sorted(n for names in grouped.values() for n in names
+                                  if n not in have and n in targets)
+            shared.append((c, ungrouped, placeholders))
+            for g, names in grouped.items():
+                groups.setdefault(g, []).append((c.table, names))
+        base = RestorePayload()
+        for c, ungrouped, placeholders in shared:
+            _section(base, c.table, self.desired.table(c.table), declare=placeholders,
+                     write=ungrouped)
+        if base:
+            yield base
+        for g in sorted(groups):
+            payload = RestorePayload()
+            for table, names in groups[g]:
+                _section(payload, table, self.desired.table(table), write=names)
+            yield payload
+        final = RestorePayload()
+        for c, _, _ in shared:
+            _section(final, c.table, self.desired.table(c.table), stale=c.stale,
+                     obsolete=c.obsolete_jumps, jumps=c.missing_jumps)
+        if final:
+            yield final
+
+
+def pending(
+    desired: Ruleset,
+    existing: Ruleset,
+    *,
+    only: Iterable[str] | None = None,
+    chains: Collection[tuple[Table, str]] | None = None,
+) -> Pending:
+    """The changes `render` would write; see there for ``only`` and ``chains``."""
+    forced = None if only is None else set(only)
+    return Pending(desired, existing, [_changes(desired, existing, table, forced, chains)
+                                       for table in (Table.FILTER, Table.NAT)])
 
 
 def render(
@@ -341,13 +496,7 @@ def render(
     after the rules that referenced them are gone, so no packet meets half a
     service.
     """
-    forced = None if only is None else set(only)
-    payload = RestorePayload()
-    for table in (Table.FILTER, Table.NAT):
-        c = _changes(desired, existing, table, forced, chains)
-        _section(payload, table, desired.table(table), write=c.write, stale=c.stale,
-                 obsolete=c.obsolete_jumps, jumps=c.missing_jumps)
-    return payload
+    return pending(desired, existing, only=only, chains=chains).render()
 
 
 def render_transactions(
@@ -356,48 +505,8 @@ def render_transactions(
     *,
     chains: Collection[tuple[Table, str]] | None = None,
 ) -> list[RestorePayload]:
-    """Like `render`, split into transactions by ``desired.groups`` (dispatch shards).
-
-    For nf_tables, where the cost of one transaction grows much faster than the
-    chains it declares. The first transaction holds the shared chains
-    (declaring, empty, any grouped chain they will reference that does not
-    exist yet); then one per group, each carrying a shard's dispatch chain
-    together with every chain of the services in it, so a service's chains and
-    its dispatch rules still change together; the jumps from built-in chains
-    and the stale chains go last, when nothing references the latter any more.
-
-    The jumps go last because every nf_tables commit that adds a rule with a
-    jump or an xt match re-validates every rule reachable from a built-in
-    chain (measured at 10,000 services: ~0.25 s a commit, ~16 ms while the
-    services are unreachable). On a first programming that makes each group's
-    commit cheap, and every service becomes reachable at once, complete.
-    """
-    out: list[RestorePayload] = []
-    base = RestorePayload()
-    per_group: dict[int, RestorePayload] = {}
-    final = RestorePayload()
-    for table in (Table.FILTER, Table.NAT):
-        c = _changes(desired, existing, table, set(), chains)
-        want, have = desired.table(table), existing.table(table)
-        grouped: dict[int, list[str]] = {}
-        ungrouped: list[str] = []
-        for name in c.write:
-            g = desired.groups.get(name)
-            (ungrouped if g is None else grouped.setdefault(g, [])).append(name)
-        # Only the shared chains' jump targets need to exist before their own transaction.
-        targets = {_target(rule) for name in ungrouped for rule in want[name]}
-        placeholders = [n for names in grouped.values() for n in names
-                        if n not in have and n in targets]
-        _section(base, table, want, declare=sorted(placeholders), write=ungrouped)
-        for g in sorted(grouped):
-            _section(per_group.setdefault(g, RestorePayload()), table, want,
-                     write=grouped[g])
-        _section(final, table, want, stale=c.stale, obsolete=c.obsolete_jumps,
-                 jumps=c.missing_jumps)
-    out.append(base)
-    out.extend(per_group[g] for g in sorted(per_group))
-    out.append(final)
-    return [p for p in out if p]
+    """Like `render`, split into transactions: see `Pending.transactions`."""
+    return list(pending(desired, existing, only=(), chains=chains).transactions())
 
 
 # What an upstream kube-proxy leaves behind (iptables and IPVS modes), for

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pyproxy import gcpolicy, sysctl
@@ -33,9 +34,8 @@ from pyproxy.iptables.ruleset import (
     Ruleset,
     Table,
     parse_save,
-    render,
+    pending,
     render_cleanup,
-    render_transactions,
 )
 from pyproxy.model import IPFamily
 from pyproxy.tracker import Snapshot
@@ -43,7 +43,7 @@ from pyproxy.tracker import Snapshot
 log = logging.getLogger(__name__)
 
 # Below this many lines one nf_tables transaction is cheaper than several; above it,
-# transactions are split by dispatch shard (see render_transactions).
+# transactions are split by dispatch shard (see Pending.transactions).
 SINGLE_TRANSACTION_LINES = 5000
 
 
@@ -112,18 +112,26 @@ class IPTablesDataplane:
         else:
             assert self.applied is not None
             existing, touched = self.applied, planned.touched
-        payloads = [render(planned.ruleset, existing, only=(), chains=touched)]
+        todo = pending(planned.ruleset, existing, only=(), chains=touched)
         # legacy rewrites the whole table on every restore, so one transaction is cheapest
-        # there; nf_tables pays for large transactions, so big ones are split by shard.
-        if (self.iptables.backend is Backend.NFT
-                and payloads[0].line_count > SINGLE_TRANSACTION_LINES):
-            payloads.clear()  # let the single payload go before its pieces are rendered
-            payloads = render_transactions(planned.ruleset, existing, chains=touched)
-        lines = 0
+        # there (rendered as iptables-restore reads it); nf_tables pays for large
+        # transactions, so big ones are split by shard, rendered one at a time.
+        payloads: Iterable[RestorePayload]
+        if self.iptables.backend is not Backend.NFT:
+            payloads = [todo.stream() if todo.line_count > SINGLE_TRANSACTION_LINES
+                        else todo.render()]
+        elif todo.line_count > SINGLE_TRANSACTION_LINES:
+            payloads = todo.transactions()
+        else:
+            payloads = [todo.render()]
+        lines = transactions = ours = 0
         try:
             for payload in payloads:
                 self.iptables.restore(payload)
                 lines += payload.line_count
+                transactions += 1
+                if generation is not None:  # nf_tables: count what moves the generation
+                    ours += commits(payload.pieces)
         except Exception:
             self.applied = None  # unknown kernel state: the next sync must be full
             self.verified_generation = None
@@ -131,17 +139,16 @@ class IPTablesDataplane:
                 self.conntrack.forget()  # and the next conntrack cleanup must reconcile
             raise
         self._remember(planned.ruleset, touched)
-        self.verified_generation = self._verify(generation, kernel_read or unchanged, payloads)
+        self.verified_generation = self._verify(generation, kernel_read or unchanged, ours)
         t2 = time.perf_counter()
         deleted, failed = self._delete_stale_flows(snapshot, full)
         log.debug("iptables sync", extra={"full": full, "lines": lines,
-                                          "transactions": len(payloads)})
-        return SyncResult(full, lines, planned, t1 - t0, t2 - t1, len(payloads),
+                                          "transactions": transactions})
+        return SyncResult(full, lines, planned, t1 - t0, t2 - t1, transactions,
                           kernel_read=kernel_read,
                           conntrack_deleted=deleted, conntrack_failed=failed)
 
-    def _verify(self, before: int | None, known: bool,
-                payloads: list[RestorePayload]) -> int | None:
+    def _verify(self, before: int | None, known: bool, ours: int) -> int | None:
         """The generation at which the kernel now holds ``applied``, if that is proven.
 
         Proven when the kernel held ``applied``'s predecessor at ``before`` (it was
@@ -151,7 +158,6 @@ class IPTablesDataplane:
         if before is None or not known:  # legacy has no generation: skip counting
             return None
         after = self.iptables.generation()
-        ours = sum(commits(p.iter_lines()) for p in payloads)
         return after if after is not None and after == before + ours else None
 
     def _remember(self, desired: Ruleset, touched: frozenset[tuple[Table, str]] | None) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import pytest
 
@@ -21,7 +21,7 @@ from pyproxy.iptables.restore import (
     _run,
     failure_context,
 )
-from pyproxy.iptables.ruleset import RestorePayload
+from pyproxy.iptables.ruleset import RestorePayload, StreamedPayload
 
 
 def test_run_writes_the_pieces_in_order() -> None:
@@ -118,3 +118,24 @@ def test_failed_restore_names_the_lines_around_the_failure() -> None:
     assert failure_context(payload, "iptables-restore: line 12 failed").splitlines()[-1] \
         == ">    12: COMMIT"
     assert failure_context(payload, "no line number") == ""
+
+
+def test_a_streamed_payload_is_rendered_as_written_and_again_for_the_errors_context() -> None:
+    renders = 0
+
+    def source() -> Iterator[str]:
+        nonlocal renders
+        renders += 1
+        yield from ("*nat\n", "-A PYPROXY-X -j A\n-A PYPROXY-X -j B\n", "COMMIT\n")
+
+    def runner(argv: Sequence[str], stdin: str | Iterable[str] | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        script = "cat; echo 'iptables-restore: line 3 failed' >&2; exit 2"
+        proc = _run(["sh", "-c", script], stdin, timeout)
+        assert proc.stdout == "*nat\n-A PYPROXY-X -j A\n-A PYPROXY-X -j B\nCOMMIT\n"
+        return proc
+
+    with pytest.raises(IPTablesError) as err:
+        IPTables(Backend.LEGACY, runner=runner).restore(StreamedPayload(source, 4))
+    assert ">     3: -A PYPROXY-X -j B" in err.value.context.splitlines()
+    assert renders == 2  # once as it was written, once for the lines around the failure

@@ -34,6 +34,7 @@ from pyproxy.iptables.ruleset import (
     is_owned_rule,
     iter_lines,
     parse_save,
+    pending,
     render,
     render_cleanup,
 )
@@ -676,3 +677,33 @@ def _deletes_only(payload: RestorePayload, prefix: str) -> None:
         assert line.startswith("-D "), line
         target = _target(line.split(" ", 2)[2])
         assert target is not None and target.startswith(prefix), line
+
+
+# ---------------------------------------------------------------------------
+# sizing first, then one transaction or one per dispatch shard
+
+
+@pytest.mark.parametrize("make", [planned, desired])
+def test_pending_counts_exactly_the_lines_it_renders(make: Any) -> None:
+    kernel = node_with_foreign_rules()
+    for existing in (kernel.read(), applied(desired()).read(), Ruleset()):
+        for only in (None, ()):
+            todo = pending(make(), existing, only=only)
+            assert todo.line_count == len(lines_of(todo.render()))
+            assert todo.stream().text == todo.render().text  # rendered the same, if streamed
+
+
+def test_transactions_program_what_one_would_with_the_hooks_last() -> None:
+    want = planned()
+    kernel = node_with_foreign_rules()
+    todo = pending(want, kernel.read(), only=())
+    txs = list(todo.transactions())
+    assert len(txs) > 2  # the shared chains, the shards, the hooks
+    hooks = [ln for tx in txs for ln in lines_of(tx) if ln.startswith("-I ")]
+    assert hooks and all(ln in lines_of(txs[-1]) for ln in hooks)
+    for tx in txs:
+        kernel.restore(tx)  # each must apply on its own, in order
+    for table in (Table.FILTER, Table.NAT):
+        assert kernel.owned(table) == want.table(table)
+    assert not render(want, kernel.read(), only=())
+    assert sum(tx.line_count for tx in txs) >= todo.line_count
