@@ -15,7 +15,7 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from pyproxy.iptables.generation import GenerationReader, read_generation
@@ -74,7 +74,7 @@ def _run(argv: Sequence[str], stdin: str | Iterable[str] | None = None,
     return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
 
 
-def _read_lines(argv: Sequence[str], timeout: float = 120) -> Iterator[str]:
+def _read_lines(argv: Sequence[str], timeout: float = 120) -> Generator[str, None, None]:
     """A program's output a line at a time, as it writes it; IPTablesError if it fails.
 
     For iptables-save at scale: 30 MB at 10,000 services, which as one string,
