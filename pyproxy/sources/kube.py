@@ -295,7 +295,26 @@ class CallbackHandler:
 
     def replace(self, objects: Iterable[dict[str, Any]]) -> None:
         with self.lock:
-            self.on_replace(objects)
+            self.on_replace(self._unlocked_between(objects))
+
+    def _unlocked_between(self, objects: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Each object is handed over under the lock, which is let go while the next comes.
+
+        A streamed list fetches its next page inside ``next()``, up to a read
+        timeout from a slow API server: syncs and /state must not wait on that.
+        Between objects a sync may run and see the replace half done, as it may
+        between watch events; the initial list is gated by ``synced`` anyway.
+        """
+        it = iter(objects)
+        while True:
+            self.lock.__exit__(None, None, None)
+            try:
+                obj = next(it, None)
+            finally:
+                self.lock.__enter__()
+            if obj is None:
+                return
+            yield obj
 
     def apply(self, event_type: str, obj: dict[str, Any]) -> None:
         with self.lock:

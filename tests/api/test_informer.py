@@ -7,6 +7,7 @@ handler must then end up exactly where a whole list would have left it.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -82,3 +83,33 @@ def test_an_expired_continue_token_mid_stream_lists_again_and_drops_the_deleted(
     assert count == 6
     assert sorted(store.objects) == [f"s{i}" for i in range(1, 7)]  # s0 was handed over, then went
     assert calls > 4  # the first list failed part way and a second one ran from the start
+
+
+def test_the_handlers_lock_is_let_go_while_the_next_page_is_fetched(
+        api: tuple[FakeKubeAPI, client.CoreV1Api]) -> None:
+    server, core = api
+    lock = threading.RLock()
+    store = Store()
+    free_while_fetching: list[bool] = []
+    real_list = core.list_service_for_all_namespaces
+
+    def list_fn(**kwargs: Any) -> Any:
+        # What a sync (another thread) would find while this page is on its way.
+        took: list[bool] = []
+
+        def sync() -> None:
+            took.append(lock.acquire(timeout=2))
+            if took[0]:
+                lock.release()
+
+        other = threading.Thread(target=sync)
+        other.start()
+        other.join()
+        free_while_fetching.append(took[0])
+        return real_list(**kwargs)
+
+    handler = kube.CallbackHandler(lambda _o: None, lambda _o: None, store.replace, lock)
+    informer = kube.Informer("services", list_fn, handler, page_size=3, stream_list=True)
+    count, _ = informer.relist()
+    assert count == 7 and len(store.objects) == 7
+    assert free_while_fetching == [True, True, True]  # every page, the first included
