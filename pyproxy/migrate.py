@@ -31,7 +31,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from pyproxy.iptables.restore import Backend, IPTables, IPTablesError
-from pyproxy.iptables.ruleset import KUBE_PROXY_CHAINS, RestorePayload, Tables, parse_tables
+from pyproxy.iptables.ruleset import (
+    KUBE_PROXY_CHAINS,
+    RestorePayload,
+    Tables,
+    parse_tables,
+    removal_section,
+)
 from pyproxy.ipvs.diff import DelService, KernelSet, Operation
 from pyproxy.ipvs.netlink import KUBE_PROXY_DUMMY, IPVSKernel
 from pyproxy.ipvs.plan import DUMMY_INTERFACE, IPSet, VirtualServerKey
@@ -84,17 +90,11 @@ def render_kube_proxy_cleanup(tables: Tables) -> RestorePayload:
     for table in sorted(tables):
         chains = tables[table]
         doomed = sorted(name for name in chains if is_kube_proxy_chain(name))
-        deletes = [f"-D {chain} {rule}"
-                   for chain, rules in chains.items() if not is_kube_proxy_chain(chain)
-                   for rule in rules
-                   if (target := _target(rule)) is not None and is_kube_proxy_chain(target)]
-        if not (doomed or deletes):
-            continue
-        payload.append(f"*{table}")
-        payload.extend(f":{name} - [0:0]" for name in doomed)
-        payload.extend(deletes)
-        payload.extend(f"-X {name}" for name in doomed)
-        payload.append("COMMIT")
+        jumps = [(chain, rule)
+                 for chain, rules in chains.items() if not is_kube_proxy_chain(chain)
+                 for rule in rules
+                 if (target := _target(rule)) is not None and is_kube_proxy_chain(target)]
+        removal_section(payload, table, doomed, jumps)
     return payload
 
 

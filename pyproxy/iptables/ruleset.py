@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import re
 import shlex
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -332,7 +332,7 @@ def _changes(desired: Ruleset, existing: Ruleset, table: Table, forced: set[str]
     return change
 
 
-def _section_blocks(table: Table, want: Mapping[str, tuple[str, ...]], *,
+def _section_blocks(table: str, want: Mapping[str, tuple[str, ...]], *,
                     declare: Iterable[str] = (), write: Iterable[str] = (),
                     stale: Iterable[str] = (), obsolete: Iterable[tuple[str, str]] = (),
                     jumps: Iterable[Jump] = ()) -> Iterator[str]:
@@ -357,7 +357,7 @@ def _section_blocks(table: Table, want: Mapping[str, tuple[str, ...]], *,
     yield "COMMIT\n"
 
 
-def _section(payload: RestorePayload, table: Table, want: Mapping[str, tuple[str, ...]],
+def _section(payload: RestorePayload, table: str, want: Mapping[str, tuple[str, ...]],
              **parts: Any) -> None:
     for block in _section_blocks(table, want, **parts):
         payload.add_block(block)
@@ -499,16 +499,6 @@ def render(
     return pending(desired, existing, only=only, chains=chains).render()
 
 
-def render_transactions(
-    desired: Ruleset,
-    existing: Ruleset,
-    *,
-    chains: Collection[tuple[Table, str]] | None = None,
-) -> list[RestorePayload]:
-    """Like `render`, split into transactions: see `Pending.transactions`."""
-    return list(pending(desired, existing, only=(), chains=chains).transactions())
-
-
 # What an upstream kube-proxy leaves behind (iptables and IPVS modes), for
 # `pyproxy cleanup --kube-proxy`: its own chains by name or prefix, as its
 # CleanupLeftovers knows them. Not the kubelet's (KUBE-FIREWALL,
@@ -545,15 +535,19 @@ def render_cleanup(existing: Ruleset, owned: Iterable[str] | None = None) -> Res
             for rule in rules:
                 target = _target(rule)
                 if target is not None and mine(target):
-                    deletes.append(f"-D {chain} {rule}")
-        if not (chains or deletes):
-            continue
-        payload.append(f"*{table}")
-        payload.extend(f":{name} - [0:0]" for name in chains)
-        payload.extend(deletes)
-        payload.extend(f"-X {name}" for name in chains)
-        payload.append("COMMIT")
+                    deletes.append((chain, rule))
+        removal_section(payload, table, chains, deletes)
     return payload
+
+
+def removal_section(payload: RestorePayload, table: str, chains: Sequence[str],
+                    jumps: Iterable[tuple[str, str]]) -> None:
+    """Delete ``chains`` and the (chain, rule) ``jumps`` into them, as one table's section.
+
+    Chains are flushed (declared) first, the jumps into them deleted, and only
+    then the chains themselves; nothing is written if there is nothing to remove.
+    """
+    _section(payload, table, {}, stale=chains, obsolete=jumps)
 
 
 def _target(rule: str) -> str | None:

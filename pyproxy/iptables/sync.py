@@ -118,8 +118,7 @@ class IPTablesDataplane:
         # transactions, so big ones are split by shard, rendered one at a time.
         payloads: Iterable[RestorePayload]
         if self.iptables.backend is not Backend.NFT:
-            payloads = [todo.stream() if todo.line_count > SINGLE_TRANSACTION_LINES
-                        else todo.render()]
+            payloads = [todo.stream()]
         elif todo.line_count > SINGLE_TRANSACTION_LINES:
             payloads = todo.transactions()
         else:
